@@ -1,0 +1,136 @@
+"""CIFAR-100 in its official python format, the validation split and the per-part augmentation."""
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published with the archive
+FOLDER = "cifar-100-python"
+
+
+class DataError(Exception):
+    pass
+
+
+@dataclass
+class Cifar100:
+    train_images: np.ndarray  # uint8 N×32×32×3
+    train_labels: np.ndarray  # int64 N (fine labels)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """The CIFAR pickles hold only dicts, lists, strings and numpy arrays; refuse anything else."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path):
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"missing {path}") from None
+    except Exception as e:
+        raise DataError(f"{path} is not a CIFAR-100 python pickle: {e}") from None
+    # Python 2 pickles give str keys under latin1, Python 3 ones may carry bytes keys.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_split(path):
+    d = _read_pickle(path)
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = np.asarray(d["fine_labels"], dtype=np.int64)
+    except KeyError as e:
+        raise DataError(f"{path} lacks the key {e}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path}: expected data N×3072 and N labels, got {data.shape} and {len(labels)}")
+    # Rows are 1024 red, 1024 green, 1024 blue values (row-major 32×32 planes).
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def locate(data_dir):
+    """The folder holding train/test/meta: DATA_DIR/cifar-100-python or DATA_DIR itself."""
+    data_dir = Path(data_dir)
+    return data_dir / FOLDER if (data_dir / FOLDER).is_dir() else data_dir
+
+
+def load_cifar100(data_dir, download=False):
+    root = locate(data_dir)
+    if download and not (root / "train").exists():
+        from torchvision.datasets.utils import download_and_extract_archive
+        log.info("downloading CIFAR-100 to %s", data_dir)
+        try:
+            download_and_extract_archive(URL, str(data_dir), md5=MD5)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-100 from {URL}: {e}") from None
+        root = locate(data_dir)
+    if not (root / "train").exists():
+        raise DataError(f"no CIFAR-100 at {data_dir} (expected {FOLDER}/train, test, meta); "
+                        "pass --download, or make a synthetic set with `python -m training.synthetic DIR`")
+    train_images, train_labels = _read_split(root / "train")
+    test_images, test_labels = _read_split(root / "test")
+    classes = list(_read_pickle(root / "meta").get("fine_label_names", []))
+    if len(classes) != 100:
+        raise DataError(f"{root / 'meta'}: expected 100 fine_label_names, got {len(classes)}")
+    for labels in (train_labels, test_labels):
+        if len(labels) and (labels.min() < 0 or labels.max() > 99):
+            raise DataError(f"{root}: fine labels outside 0..99")
+    log.info("CIFAR-100 from %s: %d train, %d test images", root, len(train_labels), len(test_labels))
+    return Cifar100(train_images, train_labels, test_images, test_labels, classes)
+
+
+def split_train_val(n, fraction=0.1, seed=0):
+    """Seeded split of range(n) into (train indices, validation indices)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def build_transform(recipe, epoch):
+    """The training augmentation for this recipe at this epoch (on uint8 3×32×32 tensors)."""
+    basic = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    if recipe.augment == "none":
+        return None
+    if recipe.augment == "standard":
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomCrop(32, padding=4),
+                           v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)])
+    if recipe.augment == "staged":
+        if epoch < recipe.strong_augment_from:
+            return v2.Compose(basic)
+        return v2.Compose(basic + [v2.RandomRotation(15),
+                                   v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
+                                   v2.RandomErasing(p=0.25)])
+    raise ValueError(f"unknown augment {recipe.augment!r}")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 N×32×32×3 images and labels; yields (uint8 32×32×3 tensor, label)."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = torch.from_numpy(self.images[i])
+        if self.transform is not None:
+            image = self.transform(image.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
+        return image, int(self.labels[i])

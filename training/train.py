@@ -1,0 +1,280 @@
+"""One training loop for every recipe, on one device or under torchrun (DistributedDataParallel)."""
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from .data import ImageDataset, build_transform, load_cifar100, split_train_val
+from .files import atomic_path
+from .models import build_classifier
+from .recipes import RECIPES, recipe_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(recipe, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def build_scheduler(recipe, optimizer):
+    """Stepped once per epoch."""
+    S = torch.optim.lr_scheduler
+    if recipe.schedule == "step":
+        return S.StepLR(optimizer, step_size=1, gamma=recipe.step_gamma)
+    if recipe.schedule == "cosine":
+        return S.CosineAnnealingLR(optimizer, T_max=recipe.epochs, eta_min=recipe.min_lr)
+    if recipe.schedule == "warmup_restarts":
+        warmup = S.LinearLR(optimizer, start_factor=1.0 / (recipe.warmup_epochs + 1), total_iters=recipe.warmup_epochs)
+        restarts = S.CosineAnnealingWarmRestarts(optimizer, T_0=recipe.restart_period, T_mult=recipe.restart_mult,
+                                                 eta_min=recipe.min_lr)
+        return S.SequentialLR(optimizer, [warmup, restarts], milestones=[recipe.warmup_epochs])
+    raise ValueError(f"unknown schedule {recipe.schedule!r}")
+
+
+def find_batch_size(model, device, cap):
+    """Largest power of two <= cap whose forward + backward fits the GPU's memory (on CPU: no probe)."""
+    size = 1 << (max(cap, 1).bit_length() - 1)
+    if device.type != "cuda":
+        return size
+    while size > 1:
+        try:
+            images = torch.randint(0, 256, (size, 32, 32, 3), dtype=torch.uint8, device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(images).float().sum().backward()
+            break
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    log.info("batch-size finder: %d (cap %d)", size, cap)
+    return size
+
+
+def mixup(images, labels, alpha):
+    """Blend each image with another of the batch; returns (images, labels_b, lam)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(labels), device=images.device)
+    images = images.float()  # Preprocess accepts float pixels on the 0..255 scale too
+    return lam * images + (1 - lam) * images[perm], labels[perm], lam
+
+
+class EarlyStopping:
+    """Stop after `patience` epochs without a lower validation loss (None: never)."""
+
+    def __init__(self, patience, best=math.inf, stale=0):
+        self.patience, self.best, self.stale = patience, best, stale
+
+    def step(self, val_loss):
+        if val_loss < self.best:
+            self.best, self.stale = val_loss, 0
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """(mean cross-entropy, accuracy) over a loader."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def train_one_epoch(model, loader, optimizer, recipe, device, progress):
+    model.train()
+    loss_sum, correct, count, start = 0.0, 0, 0, time.perf_counter()
+    for images, labels in progress(loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets_b, lam = labels, 1.0
+        if recipe.mixup_alpha > 0:
+            images, targets_b, lam = mixup(images, labels, recipe.mixup_alpha)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, targets_b, label_smoothing=recipe.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "images_per_s": count / seconds}
+
+
+def plot_curves(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
+    axes[2].plot(epochs, [h["lr"] for h in history], "o-")
+    axes[2].set(title="learning rate", xlabel="epoch", yscale="log")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _setup_distributed(device_arg):
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if world > 1:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return dist.get_rank(), world, device
+    device = torch.device("cuda" if use_cuda else "cpu") if device_arg == "auto" else torch.device(device_arg)
+    return 0, 1, device
+
+
+def _start_tracking(mode, recipe, run_dir):
+    mode = mode or os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+    return wandb.init(project="cifar100", name=recipe.name, config=dataclasses.asdict(recipe), mode=mode,
+                      dir=str(run_dir), reinit="finish_previous")
+
+
+def train(part, data_dir, out="runs", overrides=None, device="auto", resume=False, wandb_mode=None, workers=2,
+          download=False):
+    """Train one recipe; returns the metrics dict (also written to OUT/PART/metrics.json)."""
+    overrides = overrides or {}
+    rank, world, device = _setup_distributed(device)
+    run_dir = Path(out) / part
+    recipe = RECIPES[part](**overrides)
+    resumed = load_checkpoint(run_dir / "last.pt") if resume else None
+    if resumed:  # the saved recipe, with what the command line changes (e.g. more --epochs)
+        recipe = recipe_from_dict({**resumed["recipe"], **overrides})
+    torch.manual_seed(recipe.seed)
+    data = load_cifar100(data_dir, download=download)
+    train_idx, val_idx = split_train_val(len(data.train_labels), recipe.val_fraction, recipe.seed)
+    train_set = ImageDataset(data.train_images[train_idx], data.train_labels[train_idx])
+    val_set = ImageDataset(data.train_images[val_idx], data.train_labels[val_idx])
+    test_set = ImageDataset(data.test_images, data.test_labels)
+
+    model = build_classifier(recipe).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    batch_size = recipe.batch_size or find_batch_size(model, device, recipe.batch_size_cap)
+    if world > 1:  # every rank must use the same batch size
+        b = torch.tensor([batch_size], device=device)
+        dist.all_reduce(b, op=dist.ReduceOp.MIN)
+        batch_size = int(b)
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_scheduler(recipe, optimizer)
+    progress = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_val_loss": math.inf, "stale_epochs": 0}
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        progress = resumed["progress"]
+        log.info("resuming %s at epoch %d", part, progress["epoch"] + 1)
+    stopper = EarlyStopping(recipe.early_stop_patience, progress["best_val_loss"], progress["stale_epochs"])
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    loader_args = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    test_loader = DataLoader(test_set, shuffle=False, **loader_args)
+    tracker = _start_tracking(wandb_mode, recipe, run_dir) if rank == 0 else None
+    log.info("%s: %s at %d px, batch %d x %d process(es), %d train / %d val / %d test images, on %s",
+             part, recipe.arch, recipe.resolution, batch_size, world, len(train_set), len(val_set), len(test_set), device)
+
+    for epoch in range(progress["epoch"], recipe.epochs):
+        # Randomness is a function of (seed, epoch), so a resumed run repeats an uninterrupted one.
+        torch.manual_seed(recipe.seed * 100_003 + epoch)
+        train_set.transform = build_transform(recipe, epoch)
+        if world > 1:
+            sampler = DistributedSampler(train_set, shuffle=True, seed=recipe.seed)
+            sampler.set_epoch(epoch)
+            train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **loader_args)
+        else:
+            generator = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
+            train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
+        bar = lambda it: tqdm(it, desc=f"{part} epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=rank != 0)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(ddp_model, train_loader, optimizer, recipe, device, bar)
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        scheduler.step()
+        stop = stopper.step(val_loss)
+        row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_acc": val_acc}
+        progress["history"].append(row)
+        improved = val_acc > progress["best_val_acc"]
+        progress.update(epoch=epoch + 1, best_val_loss=stopper.best, stale_epochs=stopper.stale,
+                        best_val_acc=max(val_acc, progress["best_val_acc"]))
+        log.info("%s epoch %d/%d: lr %.2e  train loss %.3f acc %.3f  val loss %.3f acc %.3f  %.0f img/s",
+                 part, epoch + 1, recipe.epochs, lr, stats["train_loss"], stats["train_acc"], val_loss, val_acc,
+                 stats["images_per_s"])
+        if rank == 0:
+            if tracker:
+                tracker.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", checkpoint_state(
+                    model, recipe, data.classes, metrics={"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}))
+            save_checkpoint(run_dir / "last.pt", checkpoint_state(
+                model, recipe, data.classes, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                progress=progress))
+        if stop:
+            log.info("early stopping: validation loss has not improved for %d epochs", stopper.stale)
+            break
+
+    metrics = None
+    if rank == 0:
+        best = load_checkpoint(run_dir / "best.pt")
+        model.load_state_dict(best["model"])
+        test_loss, test_acc = evaluate(model, test_loader, device)
+        history = progress["history"]
+        metrics = {"part": part, "test_acc": test_acc, "test_loss": test_loss, "best_val_acc": progress["best_val_acc"],
+                   "best_epoch": best["metrics"]["epoch"], "epochs_run": progress["epoch"],
+                   "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+                   "batch_size": batch_size, "world_size": world, "device": str(device),
+                   "recipe": dataclasses.asdict(recipe)}
+        best["metrics"].update(test_acc=test_acc, test_loss=test_loss)
+        save_checkpoint(run_dir / "best.pt", best)
+        with atomic_path(run_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
+        plot_curves(history, run_dir / "curves.png")
+        log.info("%s: test accuracy %.4f (best validation %.4f); wrote %s", part, test_acc,
+                 progress["best_val_acc"], run_dir)
+        if tracker:
+            tracker.summary.update(test_acc=test_acc)
+            tracker.finish()
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
