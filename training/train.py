@@ -273,7 +273,7 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
         log.info("%s: test accuracy %.4f (best validation %.4f); wrote %s", part, test_acc,
                  progress["best_val_acc"], run_dir)
         if tracker:
-            tracker.summary.update(test_acc=test_acc)
+            tracker.summary.update({"test_acc": test_acc})
             tracker.finish()
     if world > 1:
         dist.destroy_process_group()
