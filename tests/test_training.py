@@ -229,6 +229,13 @@ def test_checkpoint_round_trip(data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_classifier(tmp_path / "missing.pt")
 
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"model": Exploit(), "recipe": {}, "classes": []}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused by weights_only=True"):
+        load_classifier(tmp_path / "evil.pt")
+
 
 def test_part3_pipeline_runs_with_mixup_staging_and_early_stop(data_dir, tmp_path):
     # Part 3's machinery (frozen backbone, mixup, clipping, staged augmentation, early stopping) at 32 px.

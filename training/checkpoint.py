@@ -26,7 +26,14 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+        reason = str(e)
+        if "GLOBAL" in reason:  # torch's advice to drop weights_only is not ours to give
+            reason = "it holds objects other than tensors and plain containers (refused by weights_only=True)"
+        elif "Weights only load failed" in reason:
+            reason = "not a torch.save file"
+        else:
+            reason = reason.splitlines()[0].split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or not {"model", "recipe", "classes"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a checkpoint of this project (needs model, recipe, classes)")
     return ckpt

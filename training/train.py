@@ -51,6 +51,7 @@ def find_batch_size(model, device, cap):
     size = 1 << (max(cap, 1).bit_length() - 1)
     if device.type != "cuda":
         return size
+    model.eval()  # probe memory without touching BatchNorm statistics
     while size > 1:
         try:
             images = torch.randint(0, 256, (size, 32, 32, 3), dtype=torch.uint8, device=device)
@@ -62,6 +63,7 @@ def find_batch_size(model, device, cap):
         finally:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+    model.train()
     log.info("batch-size finder: %d (cap %d)", size, cap)
     return size
 
