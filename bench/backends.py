@@ -1,0 +1,207 @@
+"""Throughput of every artifact of one model on this machine: uint8 numpy in, float32 logits out.
+
+    python bench/backends.py --checkpoint runs/part3/best.pt [--artifacts artifacts/] [--json bench.json]
+    python bench/backends.py --model-dir ~/bentoml/models/cifar100-classifier/<version>
+
+Backends: PyTorch eager FP32, eager FP16 channels_last (CUDA), torch.compile (--compile), ONNX
+Runtime CPU (FP32) and CUDA (FP32, FP16), TensorRT (when an engine, the package and a GPU are here).
+Each is timed end to end (host uint8 batch -> host logits) per batch size; the median of the timed
+calls is reported. Iterations stop early after --max-seconds per cell, so CPU runs stay short.
+ONNX files missing next to a checkpoint are exported into a temporary folder first.
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.onnx import ExportError, export_checkpoint, ort_session, read_metadata
+from training.checkpoint import CheckpointError, load_classifier, sha256
+from training.files import atomic_path
+
+log = logging.getLogger("bench")
+
+
+def torch_runner(model, device, half=False):
+    model = model.to(device)
+    if half:
+        model = model.half().to(memory_format=torch.channels_last)
+
+    def run(images):
+        with torch.inference_mode():
+            return model(torch.from_numpy(images).to(device, non_blocking=True)).float().cpu().numpy()
+    return run
+
+
+def compiled_runner(model, device):
+    half = device.startswith("cuda")
+    model = model.to(device)
+    if half:
+        model = model.half().to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, dynamic=False)  # one graph per batch size; warm-up compiles it
+
+    def run(images):
+        with torch.inference_mode():
+            return compiled(torch.from_numpy(images).to(device, non_blocking=True)).float().cpu().numpy()
+    return run, "fp16" if half else "fp32"
+
+
+def ort_runner(path, device):
+    session = ort_session(path, device, tf32=True)  # serving settings: TF32 allowed on the GPU
+    provider = session.get_providers()[0]
+    if device.startswith("cuda") and provider != "CUDAExecutionProvider":
+        return None
+
+    def run(images):
+        return session.run(None, {"images": images})[0]
+    return run
+
+
+def find_artifacts(args, scratch):
+    """(checkpoint path, {"onnx": path, "onnx_fp16": path, "engine": path} of those present)."""
+    if args.model_dir:
+        root = Path(args.model_dir)
+        names = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "engine": "model.engine"}
+        return root / "checkpoint.pt", {k: root / v for k, v in names.items() if (root / v).is_file()}
+    checkpoint = Path(args.checkpoint)
+    model, ckpt = load_classifier(checkpoint)
+    part, digest, root = ckpt["recipe"]["name"], sha256(checkpoint), Path(args.artifacts)
+    names = {"onnx": f"{part}.onnx", "onnx_fp16": f"{part}.fp16.onnx", "engine": f"{part}.engine"}
+    found = {}
+    for key, name in names.items():
+        path = root / name
+        if not path.is_file():
+            continue
+        made_from = (read_metadata(path).get("checkpoint_sha256") if key != "engine" else
+                     json.loads(path.with_name(name + ".json").read_text()).get("checkpoint_sha256"))
+        if made_from == digest:
+            found[key] = path
+        else:
+            log.warning("ignoring %s: exported from another checkpoint", path)
+    if "onnx" not in found or "onnx_fp16" not in found:
+        log.info("exporting ONNX files for %s into %s", checkpoint, scratch)
+        written = export_checkpoint(model, ckpt, digest, Path(scratch), fp16=True)
+        found.setdefault("onnx", written["fp32"][0])
+        found.setdefault("onnx_fp16", written["fp16"][0])
+    return checkpoint, found
+
+
+def backends(args, checkpoint, artifacts, device):
+    """(name, device, precision, runner) for every backend that can run here, made one at a time so
+    that each is timed alone (no idle ONNX Runtime thread pools or GPU copies of other models around)."""
+    gpu = device.startswith("cuda")
+    yield "torch-eager", device, "fp32", torch_runner(load_classifier(checkpoint)[0], device)
+    if gpu:
+        yield "torch-eager", device, "fp16+channels_last", torch_runner(load_classifier(checkpoint)[0], device, True)
+    if args.compile:
+        run, precision = compiled_runner(load_classifier(checkpoint)[0], device)
+        yield "torch-compile", device, precision, run
+    yield "onnxruntime", "cpu", "fp32", ort_runner(artifacts["onnx"], "cpu")
+    if gpu:
+        for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16")):
+            if key not in artifacts:
+                continue
+            if (run := ort_runner(artifacts[key], device)) is None:
+                log.info("skipping ONNX Runtime CUDA: no CUDAExecutionProvider")
+                break
+            yield "onnxruntime", device, precision, run
+    if "engine" not in artifacts:
+        log.info("skipping TensorRT: no engine (python -m export tensorrt)")
+        return
+    from export.tensorrt import TensorRTRunner, unavailable_reason
+    if reason := unavailable_reason():
+        log.info("skipping TensorRT: %s", reason)
+    else:
+        yield "tensorrt", device, "fp16", TensorRTRunner(artifacts["engine"])
+
+
+def time_cell(run, batch, iters, max_seconds, warmup, sync):
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    for _ in range(warmup):
+        run(images)
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        logits = run(images)
+        sync()
+        times.append(time.perf_counter() - t0)
+    assert logits.shape == (batch, 100) and logits.dtype == np.float32
+    median = statistics.median(times)
+    return {"batch": batch, "iters": len(times), "ms_per_batch": 1e3 * median,
+            "ms_p90": 1e3 * float(np.percentile(times, 90)), "img_per_s": batch / median}
+
+
+def machine(device):
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_threads": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a training checkpoint (ONNX files from --artifacts, else exported)")
+    src.add_argument("--model-dir", help="a cifar100-classifier folder of the BentoML model store")
+    p.add_argument("--artifacts", default="artifacts", help="where `python -m export` wrote (with --checkpoint)")
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--iters", type=int, default=50, help="timed calls per cell at most")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop a cell after this long (at least 3 calls); default 2 on CPU, 10 on GPU")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device.startswith("cuda")
+    max_seconds = args.max_seconds or (10.0 if gpu else 2.0)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as scratch:
+        try:
+            checkpoint, artifacts = find_artifacts(args, scratch)
+            _, ckpt = load_classifier(checkpoint)
+        except (CheckpointError, ExportError, OSError) as e:  # a one-line reason, not a traceback
+            sys.exit(f"error: {e}")
+        run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync)
+
+
+def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
+    recipe = ckpt["recipe"]
+    log.info("%s (%s at %d px) on %s", checkpoint, recipe["arch"], recipe["resolution"], device)
+
+    results = []
+    header = f"{'backend':<14} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} {'iters':>5}"
+    print(header + "\n" + "-" * len(header), flush=True)
+    for name, dev, precision, run in backends(args, checkpoint, artifacts, device):
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            cell = time_cell(run, batch, args.iters, max_seconds, warmup=2 if dev == "cpu" else 5, sync=sync)
+            results.append({"backend": name, "device": dev, "precision": precision, **cell})
+            print(f"{name:<14} {dev:<6} {precision:<19} {batch:>5} {cell['ms_per_batch']:>10.2f} "
+                  f"{cell['img_per_s']:>10.0f} {cell['iters']:>5}", flush=True)
+        del run  # free this backend before the next one is built
+    if args.json:
+        report = {"machine": machine(device), "checkpoint": str(checkpoint),
+                  "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
+                  "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+        log.info("wrote %s", args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Export layer: ONNX (FP32 + FP16) with preprocessing inside, TensorRT, BentoML model store, CLI.
+
+Models are random-weight: the Part 1 CNN at 32 px, and ResNet-50 (Part 3, weights none) at 64 px so
+the graph keeps its Resize node but runs quickly on a CPU (its parity check uses batches 1 and 7).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.bento import artifact_files
+from export.onnx import ExportError, export_checkpoint, ort_session, random_batches, read_metadata, verify
+from export.tensorrt import unavailable_reason
+from training.checkpoint import checkpoint_state, load_classifier, save_checkpoint, sha256
+from training.models import build_classifier
+from training.recipes import Part1, Part3
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [f"class_{i:02d}" for i in range(100)]
+TRT_SKIP = unavailable_reason()
+
+
+def make_checkpoint(path, recipe, seed=0):
+    torch.manual_seed(seed)
+    model = build_classifier(recipe, pretrained=False)
+    save_checkpoint(path, checkpoint_state(model, recipe, CLASSES, metrics={
+        "epoch": 3, "val_acc": 0.41, "val_loss": 2.5, "test_acc": 0.4}))
+    return path
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+class Exported:
+    def __init__(self, root, recipe, sizes):
+        self.checkpoint = make_checkpoint(root / f"{recipe.name}.pt", recipe)
+        self.model, self.ckpt = load_classifier(self.checkpoint)
+        self.out = root / "artifacts"
+        written = export_checkpoint(self.model, self.ckpt, sha256(self.checkpoint), self.out, fp16=True, sizes=sizes)
+        (self.fp32, self.fp32_report), (self.fp16, self.fp16_report) = written["fp32"], written["fp16"]
+
+
+@pytest.fixture(scope="session")
+def part1(tmp_path_factory):
+    return Exported(tmp_path_factory.mktemp("part1"), Part1(), sizes=(1, 7, 64))
+
+
+@pytest.fixture(scope="session")
+def resnet50(tmp_path_factory):
+    return Exported(tmp_path_factory.mktemp("part3"), Part3(weights="none", resolution=64), sizes=(1, 7))
+
+
+def logits(model, images):
+    with torch.inference_mode():
+        return model(torch.from_numpy(images)).numpy()
+
+
+# --- ONNX graph ------------------------------------------------------------------------------------
+
+def io_signature(path):
+    graph = onnx.load(str(path)).graph
+
+    def describe(value):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        return value.name, value.type.tensor_type.elem_type, dims
+
+    return [describe(v) for v in graph.input], [describe(v) for v in graph.output]
+
+
+@pytest.mark.parametrize("which", ["part1", "resnet50"])
+def test_onnx_files_follow_the_contract(which, request):
+    exported = request.getfixturevalue(which)
+    assert exported.fp32.name == f"{exported.ckpt['recipe']['name']}.onnx"
+    assert exported.fp16.name == f"{exported.ckpt['recipe']['name']}.fp16.onnx"
+    for path in (exported.fp32, exported.fp16):
+        inputs, outputs = io_signature(path)
+        assert len(inputs) == 1 and len(outputs) == 1
+        (in_name, in_type, in_dims), (out_name, out_type, out_dims) = inputs[0], outputs[0]
+        assert (in_name, in_type, in_dims[1:]) == ("images", onnx.TensorProto.UINT8, [32, 32, 3])
+        assert (out_name, out_type, out_dims[1:]) == ("logits", onnx.TensorProto.FLOAT, [100])
+        assert isinstance(in_dims[0], str) and in_dims[0] == out_dims[0]  # one symbolic batch dimension
+        assert sorted(os.listdir(path.parent)) == sorted([exported.fp32.name, exported.fp16.name])  # no side files
+    model = onnx.load(str(exported.fp32))
+    weights = sum(p.numel() for p in exported.model.parameters())
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert exported.fp32.stat().st_size > 4 * weights  # FP32 weights are inside the file
+    half = onnx.load(str(exported.fp16))
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    types = {t.data_type for t in half.graph.initializer if t.data_type in floats and len(t.dims) > 1}
+    assert types == {onnx.TensorProto.FLOAT16}  # conv / linear weights
+    assert exported.fp16.stat().st_size < 0.6 * exported.fp32.stat().st_size
+    # Preprocessing is in the graph: a cast straight off the uint8 input (what TensorRT needs) and,
+    # when the recipe runs at another resolution, the resize.
+    ops = [n.op_type for n in model.graph.node]
+    first = next(n for n in model.graph.node if "images" in n.input)
+    assert first.op_type == "Cast"
+    assert ("Resize" in ops) == (exported.ckpt["recipe"]["resolution"] != 32)
+
+
+def test_onnx_batch_dimension_is_dynamic(part1):
+    session = ort_session(part1.fp32, "cpu")
+    for n in (2, 3, 130):
+        images = random_batches((n,), seed=n)[0]
+        out = session.run(None, {"images": images})[0]
+        assert out.shape == (n, 100) and out.dtype == np.float32
+        np.testing.assert_allclose(out, logits(part1.model, images), atol=1e-3)
+
+
+# --- parity ---------------------------------------------------------------------------------------
+
+def test_part1_fp32_parity_at_batches_1_7_64(part1):
+    session = ort_session(part1.fp32, "cpu")
+    worst = 0.0
+    for images in random_batches((1, 7, 64)):
+        expected, got = logits(part1.model, images), session.run(None, {"images": images})[0]
+        worst = max(worst, float(np.abs(expected - got).max()))
+        assert (expected.argmax(1) == got.argmax(1)).all()
+    assert worst <= 1e-3
+    print(f"Part 1 FP32 ONNX vs PyTorch: max |Δlogit| {worst:.2e}")
+    # The export's own check saw the same numbers.
+    assert part1.fp32_report["sizes"] == [1, 7, 64]
+    assert part1.fp32_report["max_abs_diff"] == pytest.approx(worst, abs=1e-6)
+    assert part1.fp32_report["top1_agreement"] == 1.0
+
+
+def test_resnet50_fp32_parity(resnet50):
+    # ResNet-50 parity on batches 1 and 7 only (CPU time); Part 1 covers 1/7/64.
+    report = resnet50.fp32_report
+    assert report["sizes"] == [1, 7] and report["top1_agreement"] == 1.0
+    assert report["max_abs_diff"] <= 1e-3
+    images = random_batches((7,), seed=5)[0]
+    got = ort_session(resnet50.fp32, "cpu").run(None, {"images": images})[0]
+    assert np.abs(got - logits(resnet50.model, images)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("which", ["part1", "resnet50"])
+def test_fp16_agrees_with_pytorch(which, request):
+    exported = request.getfixturevalue(which)
+    sizes = exported.fp16_report["sizes"]
+    assert exported.fp16_report["top1_agreement"] >= 0.99
+    fp16, fp32 = ort_session(exported.fp16, "cpu"), ort_session(exported.fp32, "cpu")
+    images = np.concatenate(random_batches(sizes, seed=9))
+    expected = logits(exported.model, images)
+    half, full = fp16.run(None, {"images": images})[0], fp32.run(None, {"images": images})[0]
+    assert half.dtype == np.float32
+    assert (half.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    # It really computes in half precision: further from PyTorch than FP32, though not by much.
+    assert np.abs(half - expected).max() > 10 * np.abs(full - expected).max()
+    assert np.abs(half - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_verification_fails_for_a_different_model(part1):
+    torch.manual_seed(1)
+    other = build_classifier(Part1(), pretrained=False).eval()
+    with pytest.raises(ExportError, match=r"max \|Δlogit\|"):
+        verify(part1.fp32, other, "fp32")
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["part1", "resnet50"])
+def test_metadata_round_trip(which, request):
+    exported = request.getfixturevalue(which)
+    for path, precision in ((exported.fp32, "fp32"), (exported.fp16, "fp16")):
+        meta = read_metadata(path)
+        assert meta["classes"] == CLASSES
+        assert meta["part"] == exported.ckpt["recipe"]["name"] and meta["arch"] == exported.ckpt["recipe"]["arch"]
+        assert meta["recipe"] == exported.ckpt["recipe"]
+        assert meta["resolution"] == str(exported.ckpt["recipe"]["resolution"])
+        assert meta["checkpoint_sha256"] == sha256(exported.checkpoint)
+        assert float(meta["test_acc"]) == 0.4 and float(meta["val_acc"]) == 0.41
+        assert meta["precision"] == precision
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_refuses_missing_and_corrupt_checkpoints(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    for checkpoint, message in ((tmp_path / "missing.pt", "no checkpoint at"), (corrupt, "not a readable checkpoint")):
+        result = run_cli("onnx", "--checkpoint", checkpoint, "--out", tmp_path / "out")
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.skipif(TRT_SKIP is None, reason="TensorRT and a GPU are present: the refusal path does not apply")
+def test_cli_tensorrt_says_why_it_cannot_build(part1):
+    result = run_cli("tensorrt", "--onnx", part1.fp16, "--out", part1.out)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: cannot build a TensorRT engine: {TRT_SKIP}"
+
+
+def test_cli_all_exports_and_saves_to_the_bentoml_store(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "best.pt", Part1(), seed=3)
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml")}  # the store lives in the tmp dir, not ~/bentoml
+    result = run_cli("all", "--checkpoint", checkpoint, "--out", tmp_path / "artifacts", "--opt-batch", "16",
+                     "--max-batch", "64", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "part1.onnx (fp32" in result.stderr and "part1.fp16.onnx (fp16" in result.stderr
+    if TRT_SKIP:
+        assert f"skipping TensorRT: {TRT_SKIP}" in result.stderr
+    read_back = subprocess.run([sys.executable, "-c", (
+        "import bentoml, json, os\n"
+        "m = bentoml.models.get('cifar100-classifier:latest')\n"
+        "print(json.dumps({'path': m.path, 'labels': m.info.labels, 'metadata': m.info.metadata,"
+        " 'files': sorted(os.listdir(m.path))}))")], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env})
+    assert read_back.returncode == 0, read_back.stderr
+    stored = json.loads(read_back.stdout.strip().splitlines()[-1])
+    meta = stored["metadata"]
+    expected_files = ["checkpoint.pt", "model.fp16.onnx", "model.onnx"] + ([] if TRT_SKIP else ["model.engine",
+                                                                                              "model.engine.json"])
+    assert meta["artifacts"] == sorted(expected_files)
+    assert stored["files"] == sorted(expected_files + ["model.yaml"])
+    assert stored["path"].startswith(str(tmp_path / "bentoml"))
+    assert (meta["part"], meta["arch"], meta["resolution"]) == ("part1", "simple_cnn", 32)
+    assert meta["classes"] == CLASSES and meta["test_acc"] == 0.4
+    assert meta["input"] == "uint8 N×32×32×3 (NHWC, RGB)" and meta["output"] == "float32 logits N×100"
+    assert meta["checkpoint_sha256"] == sha256(checkpoint) == sha256(Path(stored["path"]) / "checkpoint.pt")
+    assert sha256(Path(stored["path"]) / "model.onnx") == sha256(tmp_path / "artifacts" / "part1.onnx")
+    assert stored["labels"] == {"part": "part1", "arch": "simple_cnn"}
+
+
+def test_bento_refuses_artifacts_of_another_checkpoint(part1, tmp_path):
+    assert set(artifact_files(part1.out, "part1", sha256(part1.checkpoint))) == {"model.onnx", "model.fp16.onnx"}
+    with pytest.raises(ExportError, match="exported from another checkpoint"):
+        artifact_files(part1.out, "part1", "0" * 64)
+    with pytest.raises(ExportError, match="run `python -m export onnx` first"):
+        artifact_files(tmp_path, "part1", sha256(part1.checkpoint))
+
+
+# --- TensorRT (needs the tensorrt package and a CUDA GPU) ----------------------------------------
+
+@pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_SKIP}")
+def test_tensorrt_engine_build_and_parity(part1, tmp_path):
+    from export.tensorrt import TensorRTRunner, build_engine, tensorrt_major
+
+    source = part1.fp16 if tensorrt_major() >= 11 else part1.fp32
+    engine = tmp_path / "part1.engine"
+    info = build_engine(source, engine, min_batch=1, opt_batch=16, max_batch=64)
+    stored = json.loads((tmp_path / "part1.engine.json").read_text())
+    assert stored == json.loads(json.dumps(info))
+    assert {"tensorrt_version", "gpu_name", "compute_capability", "min_batch", "opt_batch", "max_batch"} <= stored.keys()
+    assert (stored["min_batch"], stored["opt_batch"], stored["max_batch"]) == (1, 16, 64)
+    assert stored["checkpoint_sha256"] == sha256(part1.checkpoint) and stored["parity"]["top1_agreement"] >= 0.99
+    runner = TensorRTRunner(engine)
+    session = ort_session(source)
+    for images in random_batches((1, 7, 64, 150)):  # 150 > max batch: split into engine-sized chunks
+        got, expected = runner(images), session.run(None, {"images": images})[0]
+        assert got.shape == (len(images), 100) and got.dtype == np.float32
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+        assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
