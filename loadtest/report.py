@@ -1,0 +1,159 @@
+"""Turn Locust's CSV files and the service's /metrics into a summary (JSON + table) and PNG plots."""
+import csv
+import json
+
+import matplotlib
+matplotlib.use("Agg")   # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from training.files import atomic_path  # noqa: E402
+
+# BentoML's histogram of the batches its adaptive batcher formed; it observes how many *requests*
+# (calls of the batchable method) were merged into one batch, not how many images they held.
+BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):   # Locust writes "N/A" before the first response
+        return None
+
+
+def read_stats(path):
+    """{name: {requests, failures, rps, avg_ms, p50_ms, p95_ms, p99_ms, max_ms}} from *_stats.csv."""
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["Name"]] = {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                                "rps": _number(row["Requests/s"]), "avg_ms": _number(row["Average Response Time"]),
+                                "p50_ms": _number(row["50%"]), "p95_ms": _number(row["95%"]),
+                                "p99_ms": _number(row["99%"]), "max_ms": _number(row["Max Response Time"])}
+    return out
+
+
+def read_history(path):
+    """The Aggregated rows of *_stats_history.csv as columns: t (s from start), users, rps, p50, p95, p99.
+
+    Throughput comes from the growth of the total request count between rows: Locust's own
+    "Requests/s" column averages a window that ends 2 s back, which reads 0 in a short run.
+    """
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    t = [int(r["Timestamp"]) - int(rows[0]["Timestamp"]) for r in rows]
+    count = [int(r["Total Request Count"]) for r in rows]
+    rps = [None] + [(c1 - c0) / (t1 - t0) if t1 > t0 else None
+                    for c0, c1, t0, t1 in zip(count, count[1:], t, t[1:])]
+    # Locust writes 0 (or N/A) while its recent-latency window is still empty: no point, not 0 ms.
+    latency = {k: [_number(r[c]) or None for r in rows] for k, c in (("p50", "50%"), ("p95", "95%"), ("p99", "99%"))}
+    return {"t": t, "users": [int(r["User Count"]) for r in rows], "rps": rps[:len(rows)], **latency}
+
+
+def batch_histograms(metrics_text):
+    """{method: {"count", "sum", "buckets": {upper bound: cumulative count}}} of BentoML's adaptive batches."""
+    out = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != BATCH_METRIC:
+            continue
+        for sample in family.samples:
+            method = sample.labels.get("method_name", "?")
+            h = out.setdefault(method, {"count": 0.0, "sum": 0.0, "buckets": {}})
+            if sample.name.endswith("_bucket"):
+                le = sample.labels["le"]
+                h["buckets"][le] = h["buckets"].get(le, 0.0) + sample.value   # summed over workers
+            elif sample.name.endswith("_count"):
+                h["count"] += sample.value
+            elif sample.name.endswith("_sum"):
+                h["sum"] += sample.value
+    return out
+
+
+def batch_sizes(before_text, after_text):
+    """The batches formed during the run (after minus before): count, mean and quantiles of requests per batch."""
+    before, after = batch_histograms(before_text), batch_histograms(after_text)
+    out = {}
+    for method, h in after.items():
+        b = before.get(method, {"count": 0.0, "sum": 0.0, "buckets": {}})
+        count = h["count"] - b["count"]
+        if count <= 0:
+            continue
+        buckets = sorted(((float(le), v - b["buckets"].get(le, 0.0)) for le, v in h["buckets"].items()))
+
+        def quantile(q):   # the upper bound of the first bucket holding the q-th batch
+            return next((le for le, c in buckets if c >= q * count), None)
+        out[method] = {"batches": int(count), "mean_requests_per_batch": (h["sum"] - b["sum"]) / count,
+                       "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99)}
+    return out
+
+
+def write_json(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def _save(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_history(history, path, title):
+    """Latency percentiles and throughput over the run."""
+    fig, (lat, thr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for key in ("p50", "p95", "p99"):
+        lat.plot(history["t"], history[key], marker=".", label=key)
+    lat.set_ylabel("latency (ms)")
+    lat.legend()
+    lat.grid(alpha=0.3)
+    lat.set_title(title)
+    thr.plot(history["t"], history["rps"], marker=".", color="tab:green", label="requests/s")
+    thr.set_ylabel("requests/s")
+    thr.set_xlabel("seconds since start")
+    thr.grid(alpha=0.3)
+    users = thr.twinx()
+    users.step(history["t"], history["users"], where="post", color="tab:gray", alpha=0.6, label="users")
+    users.set_ylabel("users")
+    _save(fig, path)
+
+
+def plot_sweep(summaries, path, title):
+    """p50/p99 latency against throughput, one point per user count."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    summaries = [s for s in summaries if s["total"]["requests"]]   # a run without answers has no point
+    rps = [s["total"]["rps"] for s in summaries]
+    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+        ax.plot(rps, [s["total"][key] for s in summaries], style, label=key[:3])
+    for s in summaries:
+        ax.annotate(f"{s['users']} users", (s["total"]["rps"], s["total"]["p99_ms"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def table(summaries):
+    """One printed row per run and endpoint, then the service's adaptive batches."""
+    head = f"{'users':>5} {'endpoint':<16} {'reqs':>7} {'fails':>5} {'req/s':>8} {'img/s':>8} " \
+           f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        for name, e in [*s["endpoints"].items(), ("total", s["total"])]:
+            lines.append(f"{s['users']:>5} {name:<16} {e['requests']:>7} {e['failures']:>5} {_fmt(e['rps'], 8, 1)} "
+                         f"{_fmt(e.get('images_per_s'), 8, 0)} {_fmt(e['p50_ms'], 7, 0)} {_fmt(e['p95_ms'], 7, 0)} "
+                         f"{_fmt(e['p99_ms'], 7, 0)}")
+    for s in summaries:
+        for method, b in s["adaptive_batches"].items():
+            lines.append(f"{s['users']:>5} users: BentoML batched {method}() {b['batches']} times, "
+                         f"{b['mean_requests_per_batch']:.2f} requests per batch on average "
+                         f"(p50 <= {b['p50_at_most']:g}, p99 <= {b['p99_at_most']:g})")
+        if not s["adaptive_batches"]:
+            lines.append(f"{s['users']:>5} users: no adaptive-batch metrics at {s['host']}/metrics")
+    return "\n".join(lines)
+
+
+def _fmt(value, width, digits):
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"

@@ -1,0 +1,83 @@
+"""Request payloads -> uint8 arrays, with an InputError (HTTP status + message) for everything malformed.
+
+Image files of any common format, size and mode become RGB 32×32 (Pillow); .npy uploads are checked
+from their header (dtype, shape, count) before the data is read, and never unpickled.
+"""
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SIZE = 32
+# Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
+Image.MAX_IMAGE_PIXELS = int(os.environ.get("CIFAR100_MAX_PIXELS", 40_000_000))
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class InputError(Exception):
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def to_rgb(image):
+    """RGB for every mode: 16-bit scaled down (not clipped), transparency composited onto white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(path, name):
+    """(uint8 32×32×3 array, note or None) from an image file; InputError when it is not a readable image."""
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1)
+            image.draft("RGB", (SIZE * 2, SIZE * 2))  # JPEG: decode at a reduced scale, much faster
+            image = to_rgb(ImageOps.exif_transpose(image))
+            array = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{name}: image too large ({e})", 413) from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{name}: not an image Pillow can read (PNG, JPEG, GIF, TIFF, WebP, BMP, ...)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        raise InputError(f"{name}: corrupt or truncated image ({e})") from None
+    note = f"{frames} frames (animated or multipage); classified the first" if frames > 1 else None
+    return array, note
+
+
+def read_npy(path, max_images):
+    """uint8 N×32×32×3 array from an .npy file, validated from its header before reading the data."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:
+            raise InputError("images: not an .npy file (save the array with numpy.save)") from None
+        try:
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+        except ValueError as e:
+            raise InputError(f"images: unreadable .npy header ({e})") from None
+        if dtype.hasobject:
+            raise InputError("images: .npy holds Python objects; send a plain uint8 array (pickles are refused)")
+        if dtype != np.uint8 or len(shape) != 4 or shape[1:] != (SIZE, SIZE, 3):
+            raise InputError(f"images: expected a uint8 array N×32×32×3 (NHWC, RGB), got {dtype} {shape}", 422)
+        if shape[0] == 0:
+            raise InputError("images: empty batch (0 images)")
+        if shape[0] > max_images:
+            raise InputError(f"images: {shape[0]} images exceed the limit of {max_images} per request "
+                             f"(CIFAR100_MAX_IMAGES); split the batch", 413)
+        f.seek(0)
+        try:  # a real file: numpy reads straight into the array, one copy
+            images = np.load(f, allow_pickle=False)
+        except ValueError as e:
+            raise InputError(f"images: truncated or corrupt .npy data ({e})") from None
+    return np.ascontiguousarray(images)

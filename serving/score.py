@@ -1,0 +1,418 @@
+"""Score the Kaggle OOD test set through the service and write the submission CSV.
+
+    python -m serving.score --url http://127.0.0.1:3000 --ood-dir DIR --out submission.csv
+    python -m serving.score --direct model.onnx --ood-dir DIR --out direct.csv   # no service, same CSV
+    python -m serving.score --cifar-test data --out cifar_test.csv              # prints the accuracy
+
+DIR holds distortion00.npy … distortion18.npy, each uint8 N×32×32×3 (5 severities of N/5 images).
+Files are memory-mapped, sent in uint8 chunks to /classify_batch with several requests in flight, and
+every finished chunk is saved under OUT.parts/, so a killed run started again sends only what is
+missing. OUT appears (atomically) only when every row is there; then OUT.parts/ is removed.
+"""
+import argparse
+import concurrent.futures as cf
+import io
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+from training.files import atomic_path
+
+N_FILES, N_SEVERITIES, N_CLASSES = 19, 5, 100
+# The service is (re)starting, overloaded, or lost its model process for a moment: worth another try
+# (a chunk is idempotent, so sending it twice is harmless; every retry is reported).
+RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_DELAY = 30.0                      # seconds, the longest wait between two tries
+
+
+class ScoreError(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Source:
+    """One array of images and how its rows are named in the CSV."""
+    name: str
+    images: np.ndarray          # uint8 N×32×32×3, usually a read-only memory map
+    path: Path | None = None
+
+    def ids(self, start, stop):
+        if self.path is None:                   # CIFAR-100 test: test_0, test_1, ...
+            return [f"{self.name}_{i}" for i in range(start, stop)]
+        block = len(self.images) // N_SEVERITIES
+        return [f"{self.name}_{i // block + 1}_{i % block}" for i in range(start, stop)]
+
+
+def _check_images(images, where):
+    if not isinstance(images, np.ndarray):
+        getattr(images, "close", lambda: None)()
+        raise ScoreError(f"{where}: not a single .npy array (an .npz archive?)")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ScoreError(f"{where}: expected uint8 N×32×32×3, got {images.dtype} {images.shape}")
+
+
+def open_ood_dir(ood_dir):
+    """The 19 distortion files as read-only memory maps, all checked before anything is sent."""
+    ood_dir = Path(ood_dir)
+    if not ood_dir.is_dir():
+        raise ScoreError(f"no OOD folder at {ood_dir}")
+    paths = [ood_dir / f"distortion{k:02d}.npy" for k in range(N_FILES)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ScoreError(f"{ood_dir} lacks {len(missing)} of the {N_FILES} files: {', '.join(missing)}")
+    sources = []
+    for path in paths:
+        try:   # allow_pickle=False: a file holding Python objects is refused, never unpickled
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
+        _check_images(images, path)
+        if len(images) == 0 or len(images) % N_SEVERITIES:
+            raise ScoreError(f"{path}: {len(images)} images is not a positive multiple of {N_SEVERITIES} "
+                             "(one equal block per severity)")
+        sources.append(Source(path.stem, images, path))
+    return sources
+
+
+def open_cifar_test(data_dir):
+    """The CIFAR-100 test split as one source, and its true labels."""
+    from training.data import DataError, load_cifar100
+    try:
+        data = load_cifar100(data_dir)
+    except DataError as e:
+        raise ScoreError(str(e)) from None
+    return [Source("test", data.test_images)], data.test_labels
+
+
+def read_labels(path, total):
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ScoreError(f"{path}: expected a 1-D integer array of labels")
+    if len(labels) != total:
+        raise ScoreError(f"{path} holds {len(labels)} labels for {total} images")
+    return labels.astype(np.int64)
+
+
+def plan_chunks(sources, chunk_size):
+    """(source index, start, stop) for every chunk, file by file, in submission order."""
+    return [(s, start, min(start + chunk_size, len(src.images)))
+            for s, src in enumerate(sources) for start in range(0, len(src.images), chunk_size)]
+
+
+class Progress:
+    """Finished chunks on disk: OUT.parts/chunk000123.npy (labels), each written atomically.
+
+    manifest.json records what the chunks mean (input files, sizes, chunk size, model); a run with
+    a different manifest starts over instead of mixing old labels into a new submission.
+    """
+
+    def __init__(self, folder, manifest):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except ValueError:
+                old = None
+            if old != manifest:
+                print(f"{self.folder}: left by a run on other inputs or another model; starting over",
+                      file=sys.stderr)
+                shutil.rmtree(self.folder)
+        if not path.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(manifest, indent=1))
+
+    def _path(self, i):
+        return self.folder / f"chunk{i:06d}.npy"
+
+    def load(self, i, size):
+        """The saved labels of chunk i, or None when it still has to be scored."""
+        try:
+            labels = np.load(self._path(i), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return labels if labels.shape == (size,) else None
+
+    def save(self, i, labels):
+        with atomic_path(self._path(i)) as tmp, open(tmp, "wb") as f:
+            np.save(f, labels.astype(np.uint8), allow_pickle=False)
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _error_text(response):
+    try:
+        return str(response.json().get("error", response.text))[:300]
+    except ValueError:
+        return response.text.strip()[:300] or response.reason
+
+
+class ServiceScorer:
+    """Labels for uint8 chunks from POST /classify_batch; retries while the service is unreachable."""
+
+    def __init__(self, url, retries=8, backoff=0.5, timeout=300.0, rate=None):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ScoreError(f"--url must look like http://HOST:PORT, got {url!r}")
+        self.url, self.retries, self.backoff, self.timeout = url.rstrip("/"), retries, backoff, timeout
+        self.interval = 1.0 / rate if rate else 0.0
+        self.stop = threading.Event()
+        self._local, self._rate_lock, self._next_slot = threading.local(), threading.Lock(), 0.0
+        self.requests = 0
+
+    def _session(self):   # requests.Session is not thread-safe: one per worker thread
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _wait_for_slot(self):
+        if not self.interval:
+            return
+        with self._rate_lock:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self.interval
+        if self.stop.wait(slot - now):
+            raise Cancelled
+
+    def _request(self, method, path, **kwargs):
+        """The response of the first try that reached a ready service (bounded tries, growing waits)."""
+        for attempt in range(1, self.retries + 1):
+            try:
+                response = self._session().request(method, self.url + path, timeout=self.timeout, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                problem = f"cannot reach {self.url} ({type(e).__name__})"
+            else:
+                if response.status_code not in RETRY_STATUS:
+                    return response
+                problem = f"{self.url}{path} answered HTTP {response.status_code}: {_error_text(response)}"
+            if attempt == self.retries:
+                raise ScoreError(f"{problem}; gave up after {self.retries} tries")
+            delay = min(self.backoff * 2 ** (attempt - 1), MAX_DELAY)
+            tqdm.write(f"retry {attempt}/{self.retries - 1} in {delay:g} s: {problem}", file=sys.stderr)
+            if self.stop.wait(delay):
+                raise Cancelled
+
+    def describe(self):
+        """What the manifest records about the model: the service's /info (its model and backend)."""
+        response = self._request("GET", "/info")
+        if not response.ok:
+            raise ScoreError(f"{self.url}/info answered HTTP {response.status_code}: {_error_text(response)}")
+        try:
+            info = response.json()
+        except ValueError:
+            raise ScoreError(f"{self.url}/info did not answer JSON; is this the CIFAR-100 service?") from None
+        metadata = info.get("metadata") or {}
+        return {"service": {"model": info.get("model"), "checkpoint_sha256": metadata.get("checkpoint_sha256"),
+                            "backend": info.get("backend"), "precision": info.get("precision")}}
+
+    def __call__(self, images):
+        buffer = io.BytesIO()
+        np.save(buffer, images, allow_pickle=False)
+        self._wait_for_slot()
+        response = self._request("POST", "/classify_batch",
+                                 files={"images": ("images.npy", buffer.getvalue(), "application/octet-stream")})
+        self.requests += 1
+        if not response.ok:
+            hint = " (lower --chunk-size)" if response.status_code == 413 else ""
+            raise ScoreError(f"{self.url}/classify_batch answered HTTP {response.status_code}: "
+                             f"{_error_text(response)}{hint}")
+        try:
+            return np.asarray(response.json()["class_ids"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError):
+            raise ScoreError(f"{self.url}/classify_batch answered without class_ids: {response.text[:200]}") from None
+
+
+def _store_entry(tag):
+    import bentoml
+    try:
+        return Path(bentoml.models.get(tag).path)
+    except Exception:
+        raise ScoreError(f"--direct {tag}: no such file or folder, nor a model in the BentoML store") from None
+
+
+class DirectScorer:
+    """The same chunks through serving.backends in this process (no service), to compare with it.
+
+    ARTIFACT is a model folder (a store entry's files), a store tag, or a lone .onnx file.
+    """
+
+    def __init__(self, artifact, backend="auto", device=None):
+        path = Path(artifact)
+        if path.is_file():
+            if path.suffix != ".onnx" or backend not in ("auto", "onnx"):
+                raise ScoreError(f"--direct {path}: a lone file must be an .onnx model (with --backend onnx or auto)")
+            with tempfile.TemporaryDirectory(prefix="score-direct-") as folder:   # backends read FOLDER/model.onnx
+                (Path(folder) / "model.onnx").symlink_to(path.resolve())
+                self.backend = self._load("onnx", folder, device)
+        else:
+            path = path if path.is_dir() else _store_entry(artifact)
+            self.backend = self._load(backend, path, device)
+        self.artifact, self.stop, self.requests = path, threading.Event(), 0
+
+    @staticmethod
+    def _load(kind, folder, device):
+        from serving.backends import load_backend
+        try:
+            return load_backend(kind, folder, device)
+        except Exception as e:
+            raise ScoreError(f"cannot load the {kind} backend from {folder}: {str(e).splitlines()[0]}") from None
+
+    def describe(self):
+        path = self.artifact
+        files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.is_file())
+        return {"direct": {"artifact": str(path.resolve()), "backend": self.backend.name,
+                           "precision": self.backend.precision,
+                           "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}}
+
+    def __call__(self, images):
+        self.requests += 1
+        return np.asarray(self.backend(images)).argmax(axis=1)
+
+
+def score(sources, chunks, scorer, progress, in_flight=4):
+    """Score every chunk not yet on disk, with up to `in_flight` at once; returns (labels, new images)."""
+    sizes = [stop - start for _, start, stop in chunks]
+    labels = [progress.load(i, n) for i, n in enumerate(sizes)]
+    todo = [i for i, done in enumerate(labels) if done is None]
+    bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[i] for i in todo), unit="img",
+               unit_scale=True, smoothing=0.1, dynamic_ncols=True, file=sys.stderr)
+
+    def work(i):
+        s, start, stop = chunks[i]
+        result = scorer(np.ascontiguousarray(sources[s].images[start:stop]))
+        if result.shape != (stop - start,) or result.min() < 0 or result.max() >= N_CLASSES:
+            raise ScoreError(f"chunk {i}: expected {stop - start} class ids in 0..{N_CLASSES - 1}, "
+                             f"got shape {result.shape}")
+        progress.save(i, result)
+        return i, result
+
+    pool = cf.ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="score")
+    pending, queue = set(), iter(todo)
+    try:
+        while True:   # keep 2× in_flight chunks queued: enough to stay busy, little memory
+            for i in queue:
+                pending.add(pool.submit(work, i))
+                if len(pending) >= 2 * in_flight:
+                    break
+            if not pending:
+                break
+            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                i, result = future.result()
+                labels[i] = result
+                bar.update(sizes[i])
+    finally:
+        scorer.stop.set()            # wakes workers waiting to retry, so an error ends the run now
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return labels, sum(sizes[i] for i in todo)
+
+
+def write_csv(out, sources, chunks, labels):
+    """id,label rows in submission order; the file appears only complete, with its rows counted."""
+    total = sum(stop - start for _, start, stop in chunks)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="") as f:
+            f.write("id,label\n")
+            for (s, start, stop), chunk_labels in zip(chunks, labels):
+                f.write("".join(f"{i},{int(y)}\n" for i, y in zip(sources[s].ids(start, stop), chunk_labels)))
+        with open(tmp, "rb") as f:
+            rows = sum(1 for _ in f) - 1
+        if rows != total:
+            raise ScoreError(f"{tmp} has {rows} rows, expected {total}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ood-dir", help="folder with distortion00.npy … distortion18.npy")
+    what.add_argument("--cifar-test", metavar="DIR", help="score the CIFAR-100 test split in DIR instead")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--url", default="http://127.0.0.1:3000", help="the running service (default %(default)s)")
+    how.add_argument("--direct", metavar="ARTIFACT", help="score without the service: a model folder (store entry), a store tag or an .onnx file")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+                   help="backend for --direct (default %(default)s)")
+    p.add_argument("--out", required=True, help="the CSV to write")
+    p.add_argument("--labels", help=".npy of true labels in submission order: report the accuracy")
+    p.add_argument("--chunk-size", type=int, default=2048, help="images per request (default %(default)s)")
+    p.add_argument("--in-flight", type=int, default=4, help="requests at once (default %(default)s)")
+    p.add_argument("--retries", type=int, default=8, help="tries per request before giving up (default %(default)s)")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="first wait in seconds between tries, doubled each time (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="at most this many requests per second (default: no limit)")
+    a = p.parse_args(argv)
+    for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight), ("--retries", a.retries)):
+        if value < 1:
+            p.error(f"{name} must be at least 1")
+    if a.backoff < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
+        p.error("--backoff must be >= 0, --timeout and --rate > 0")
+    try:
+        run(a)
+    except ScoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished chunks are kept in {a.out}.parts/ (run the same command to resume)",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def run(a):
+    # Every input is checked before the first request.
+    if Path(a.out).is_dir():
+        raise ScoreError(f"--out {a.out} is a folder; give the CSV file to write")
+    if a.ood_dir:
+        sources, true_labels = open_ood_dir(a.ood_dir), None
+    else:
+        sources, true_labels = open_cifar_test(a.cifar_test)
+    total = sum(len(s.images) for s in sources)
+    if a.labels:
+        true_labels = read_labels(a.labels, total)
+    chunks = plan_chunks(sources, a.chunk_size)
+    scorer = DirectScorer(a.direct, a.backend) if a.direct else \
+        ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate)
+    in_flight = 1 if a.direct else a.in_flight
+    inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
+              for s in sources]
+    manifest = {"inputs": inputs, "chunk_size": a.chunk_size, "model": scorer.describe()}
+    progress = Progress(f"{a.out}.parts", manifest)
+
+    start = time.perf_counter()
+    labels, new_images = score(sources, chunks, scorer, progress, in_flight)
+    seconds = time.perf_counter() - start
+    rows = write_csv(a.out, sources, chunks, labels)
+    progress.remove()
+    resumed = total - new_images
+    print(f"scored {new_images} images in {scorer.requests} requests, {seconds:.1f} s "
+          f"({new_images / max(seconds, 1e-9):.0f} img/s)" + (f"; {resumed} resumed from {a.out}.parts" if resumed else ""))
+    print(f"wrote {a.out} ({rows} rows)")
+    if true_labels is not None:
+        predicted = np.concatenate(labels)
+        print(f"accuracy {float((predicted == true_labels).mean()):.4f} on {total} images")
+
+
+if __name__ == "__main__":
+    main()

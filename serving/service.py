@@ -1,0 +1,242 @@
+"""The BentoML service: `bentoml serve` from the repo root (bentofile.yaml names serving.service:Classifier).
+
+Two services in one `bentoml serve`:
+  Model       owns the backend (serving/backends.py) and its adaptive batching: `predict` (for /classify_batch)
+              and `predict_decoded` (for /classify) are batchable APIs, so BentoML's dispatcher merges
+              concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back.
+  Classifier  the HTTP front: parses uploads (.npy or image files), calls the Model, shapes JSON; GET /info.
+Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
+as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere).
+
+Environment: CIFAR100_MODEL (default cifar100-classifier:latest), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
+CIFAR100_MAX_BATCH_SIZE (images per model call, 1024), CIFAR100_MAX_LATENCY_MS (30000: requests waiting
+longer are refused with 503), CIFAR100_MAX_IMAGES (images per request, 4096), CIFAR100_MAX_BODY_MB (64),
+CIFAR100_WORKERS (front processes, 1), CIFAR100_MAX_PIXELS (per uploaded image, 40M).
+"""
+import asyncio
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.backends import load_backend
+from serving.images import InputError, decode_image, read_npy
+
+log = logging.getLogger("bentoml.service")
+
+MODEL_TAG = os.environ.get("CIFAR100_MODEL", "cifar100-classifier:latest")
+if ":" not in MODEL_TAG:
+    MODEL_TAG += ":latest"
+BACKEND = os.environ.get("CIFAR100_BACKEND", "auto")
+MAX_BATCH_SIZE = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", 1024))
+MAX_LATENCY_MS = int(os.environ.get("CIFAR100_MAX_LATENCY_MS", 30000))
+MAX_IMAGES = int(os.environ.get("CIFAR100_MAX_IMAGES", 4096))
+MAX_BODY_BYTES = int(float(os.environ.get("CIFAR100_MAX_BODY_MB", 64)) * 2**20)
+WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
+WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
+
+
+@bentoml.service(traffic={"timeout": 300}, workers=1)
+class Model:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self):
+        stored = self.model_ref
+        self.tag, self.metadata = str(stored.tag), dict(stored.info.metadata)
+        self.backend = load_backend(BACKEND, stored.path)
+        self.backend.warmup()
+        self.stats_lock = threading.Lock()
+        self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
+        log.info("loaded %s on %s", self.tag, self.backend.describe())
+
+    # Two batchers over one backend: each learns how long to hold requests from the traffic it sees, so
+    # bulk /classify_batch uploads (long model calls) do not teach /classify requests to wait.
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×32×32×3 -> float32 logits N×100 (/classify_batch); BentoML merges concurrent calls into one."""
+        return self._run(images)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict_decoded(self, images: np.ndarray) -> np.ndarray:
+        """The same for images decoded from uploaded files (/classify)."""
+        return self._run(images)
+
+    def _run(self, images):
+        start = time.perf_counter()
+        logits = self.backend(images)
+        with self.stats_lock:
+            s = self.stats
+            s["model_calls"] += 1
+            s["images"] += len(images)
+            s["largest_call"] = max(s["largest_call"], len(images))
+            s["seconds"] += time.perf_counter() - start
+        return logits
+
+    @bentoml.api
+    def describe(self) -> dict:
+        return {"model": self.tag, "metadata": self.metadata, **self.backend.describe(),
+                "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
+                             "max_images_per_request": MAX_IMAGES},
+                "stats": dict(self.stats)}
+
+
+class BodyLimit:
+    """413 for request bodies over the limit, judged by Content-Length and by the bytes actually received."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = JSONResponse({"error": f"request body over the limit of {self.max_bytes} bytes "
+                                         f"(CIFAR100_MAX_BODY_MB)"}, status_code=413)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        received, exceeded, replied = 0, False, False
+
+        async def counting_receive():  # bodies without Content-Length (chunked) are counted as they arrive
+            nonlocal received, exceeded
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                exceeded = True
+                raise InputError("request body too large", 413)
+            return message
+
+        async def guarded_send(message):  # once over the limit, whatever the app answers becomes the 413
+            nonlocal replied
+            if not exceeded:
+                return await send(message)
+            if not replied:
+                replied = True
+                await too_big(scope, receive, send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except InputError:
+            if not replied:
+                await too_big(scope, receive, send)
+
+
+def error(e):
+    return JSONResponse({"error": str(e)}, status_code=e.status)
+
+
+def softmax(logits):
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+async def info_endpoint(request):
+    return JSONResponse(await bentoml.get_current_service().describe())
+
+
+# API methods are POST-only in BentoML; GET /info is a plain route in an app mounted under the service.
+info_app = Starlette(routes=[Route("/info", info_endpoint, methods=["GET"])])
+
+
+@bentoml.service(traffic={"timeout": 300}, workers=WORKERS)
+@bentoml.asgi_app(info_app, path="/")
+class Classifier:
+    model = bentoml.depends(Model)
+
+    def __init__(self):
+        self.classes, self.ready = None, False
+
+    async def _predict(self, images, api="predict"):
+        if hasattr(self.model, "to_async"):  # under `bentoml serve`: the Model process, through its batcher
+            return await getattr(self.model.to_async, api)(images)
+        return await anyio.to_thread.run_sync(getattr(self.model, api), images)  # in-process (unit tests)
+
+    async def _model_info(self):
+        if hasattr(self.model, "to_async"):
+            return await self.model.to_async.describe()
+        return self.model.describe()
+
+    @bentoml.on_startup
+    async def start_warm_up(self):
+        # Dependencies are connected only after startup hooks return: warm up in the background;
+        # /readyz answers 503 until it is done (__is_ready__).
+        self.ready = False
+        self.warm_up_task = asyncio.get_running_loop().create_task(self.warm_up())
+
+    async def warm_up(self):
+        """Wait for the Model process (loaded and warmed up), then let its batcher fit its cost model."""
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if not hasattr(self.model, "to_async") or await self.model.to_async.is_ready(timeout=5):
+                    await self._class_names()
+                    blank = np.zeros((1, 32, 32, 3), np.uint8)
+                    for _ in range(WARMUP_REQUESTS):
+                        for api in ("predict", "predict_decoded"):
+                            await self._predict(blank, api)
+                    self.ready = True
+                    log.info("warmed up: ready")
+                    return
+            except Exception as e:  # not connected or not up yet
+                if time.monotonic() > deadline:
+                    log.error("the Model service did not become ready in 600 s: %s", e)
+                    return
+            await asyncio.sleep(0.2)
+
+    async def __is_ready__(self):
+        return self.ready
+
+    async def _class_names(self):
+        if self.classes is None:
+            self.classes = (await self._model_info())["metadata"]["classes"]
+        return self.classes
+
+    async def describe(self):
+        info = await self._model_info()
+        info["batching"]["max_body_bytes"] = MAX_BODY_BYTES
+        info["front_workers"] = WORKERS
+        return info
+
+    @bentoml.api
+    async def classify_batch(self, images: Path, probabilities: bool = False) -> dict:
+        """An .npy upload (uint8 N×32×32×3) -> {"class_ids": [N]} (+ "probabilities": N×100 on request)."""
+        try:
+            array = await anyio.to_thread.run_sync(read_npy, images, MAX_IMAGES)
+        except InputError as e:
+            return error(e)
+        logits = await self._predict(array)
+        out = {"class_ids": logits.argmax(axis=1).tolist()}
+        if probabilities:
+            out["probabilities"] = softmax(logits).tolist()
+        return out
+
+    @bentoml.api
+    async def classify(self, images: list[Path]) -> dict:
+        """Image files (any common format, size, mode) -> class id, name, probability and top-5 for each."""
+        try:
+            if not images:
+                raise InputError("images: no files uploaded")
+            if len(images) > MAX_IMAGES:
+                raise InputError(f"images: {len(images)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)", 413)
+            decoded = await anyio.to_thread.run_sync(
+                lambda: [decode_image(p, f"images[{i}]") for i, p in enumerate(images)])
+        except InputError as e:
+            return error(e)
+        probs = softmax(await self._predict(np.stack([array for array, _ in decoded]), "predict_decoded"))
+        classes = await self._class_names()
+        predictions = []
+        for p, (_, note) in zip(probs, decoded):
+            top5 = [{"class_id": int(c), "class_name": classes[c], "probability": float(p[c])}
+                    for c in np.argsort(-p)[:5]]
+            predictions.append({**top5[0], "top5": top5, **({"note": note} if note else {})})
+        return {"predictions": predictions}
+
+
+Classifier.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)

@@ -1,0 +1,107 @@
+"""loadtest/: a real headless Locust run against the real service, and its reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import report
+from loadtest.__main__ import LoadTestError, loopback_host, seconds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:3000", "http://localhost:3000/", "http://[::1]:3000",
+                                 "http://127.0.0.2:8080"])
+def test_loopback_hosts_are_accepted(url):
+    assert loopback_host(url) == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:3000", "http://example.com", "https://8.8.8.8",
+                                 "127.0.0.1:3000", "ftp://127.0.0.1", "http://localhost.example.com"])
+def test_other_hosts_are_refused(url):
+    with pytest.raises(LoadTestError, match="loopback"):
+        loopback_host(url)
+
+
+def test_run_time_parsing():
+    assert [seconds(t) for t in ("5", "5s", "2m", "1m30s")] == [5, 5, 120, 90]
+    for bad in ("", "fast", "5h", "-3"):
+        with pytest.raises(Exception):
+            seconds(bad)
+
+
+def test_cli_refuses_remote_hosts_and_unbounded_runs():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "loadtest", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True, timeout=60)
+    remote = run("--host", "http://192.0.2.1:3000")
+    assert remote.returncode == 1 and "loopback" in remote.stderr
+    assert run("--users", "100000").returncode == 2
+    assert run("--run-time", "10h").returncode == 2
+
+
+METRICS = """\
+# HELP bentoml_service_adaptive_batch_size Service adaptive batch size
+# TYPE bentoml_service_adaptive_batch_size histogram
+bentoml_service_adaptive_batch_size_sum{method_name="predict",worker_index="1"} %(sum)s
+bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="predict",worker_index="1"} %(b1)s
+bentoml_service_adaptive_batch_size_bucket{le="2.0",method_name="predict",worker_index="1"} %(b2)s
+bentoml_service_adaptive_batch_size_bucket{le="4.0",method_name="predict",worker_index="1"} %(b4)s
+bentoml_service_adaptive_batch_size_bucket{le="+Inf",method_name="predict",worker_index="1"} %(b4)s
+bentoml_service_adaptive_batch_size_count{method_name="predict",worker_index="1"} %(b4)s
+"""
+
+
+def test_adaptive_batches_are_counted_over_the_run_only():
+    before = METRICS % {"sum": 10, "b1": 10, "b2": 10, "b4": 10}          # 10 single-request batches
+    after = METRICS % {"sum": 10 + 1 + 2 * 2 + 4 * 3, "b1": 11, "b2": 13, "b4": 16}
+    got = report.batch_sizes(before, after)["predict"]
+    assert got["batches"] == 6
+    assert got["mean_requests_per_batch"] == pytest.approx(17 / 6)
+    assert got["p50_at_most"] == 2.0 and got["p99_at_most"] == 4.0
+    assert report.batch_sizes("", "") == {}
+
+
+# ---------------------------------------------------------------- a real Locust run against a real service
+
+def run_loadtest(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "loadtest", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server()
+
+
+def test_headless_run_reports_latency_throughput_and_batching(server, tmp_path):
+    out = tmp_path / "report"
+    done = run_loadtest("--host", server, "--users", 4, "--run-time", "5s", "--batch", 16, "--out", out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "u4_summary.json").read_text())
+    total = summary["total"]
+    assert total["failures"] == 0 and total["requests"] >= 10
+    assert set(summary["endpoints"]) == {"/classify", "/classify_batch"}
+    assert 0 < total["p50_ms"] <= total["p95_ms"] <= total["p99_ms"] and total["rps"] > 0
+    assert summary["endpoints"]["/classify_batch"]["images_per_s"] == pytest.approx(
+        16 * summary["endpoints"]["/classify_batch"]["rps"])
+    batches = summary["adaptive_batches"]["predict"]        # BentoML's histogram, read from /metrics
+    assert batches["batches"] >= 1 and batches["mean_requests_per_batch"] >= 1
+    for name in ("u4_stats.csv", "u4_stats_history.csv", "u4_failures.csv"):
+        assert (out / name).stat().st_size > 0
+    assert "locust" in (out / "u4_report.html").read_text().lower()
+    assert (out / "u4_timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "p99 ms" in done.stdout and "/classify_batch" in done.stdout and "requests per batch" in done.stdout
+
+
+def test_sweep_plots_latency_against_throughput(server, tmp_path):
+    out = tmp_path / "sweep"
+    done = run_loadtest("--host", server, "--tags", "batch", "--sweep", "1,3", "--run-time", "3s", "--batch", 8,
+                        "--out", out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = json.loads((out / "sweep.json").read_text())
+    assert [r["users"] for r in runs] == [1, 3]
+    for r in runs:   # --tags batch: only the array users ran
+        assert list(r["endpoints"]) == ["/classify_batch"] and r["total"]["failures"] == 0
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

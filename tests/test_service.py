@@ -1,0 +1,313 @@
+"""The BentoML service over HTTP: a real `bentoml serve` (ONNX Runtime CPU, and PyTorch CPU) on 127.0.0.1."""
+import concurrent.futures
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from serving.images import to_rgb
+from training.checkpoint import load_classifier
+
+LIMITS = {"CIFAR100_MAX_IMAGES": 64, "CIFAR100_MAX_BODY_MB": 1, "CIFAR100_MAX_PIXELS": 1_000_000}
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(LIMITS)  # CIFAR100_BACKEND unset: auto -> ONNX Runtime on this CPU
+
+
+@pytest.fixture(scope="module")
+def torch_server(start_server):
+    # A small model-call limit: the 64-image requests below are split by BentoML's batcher and reassembled.
+    return start_server({**LIMITS, "CIFAR100_BACKEND": "torch", "CIFAR100_MAX_BATCH_SIZE": 8})
+
+
+@pytest.fixture(scope="module")
+def direct(model_dir):
+    model, _ = load_classifier(model_dir / "checkpoint.pt")
+
+    def logits(images):
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    return logits
+
+
+def npy(array, **kw):
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kw)
+    return buffer.getvalue()
+
+
+def softmax(x):
+    z = np.exp(x - x.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def image_bytes(image, fmt, **kw):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+def classify_batch(url, array, **data):
+    return requests.post(f"{url}/classify_batch", files={"images": ("x.npy", npy(array))}, data=data, timeout=60)
+
+
+def assert_alive(url):
+    assert requests.get(f"{url}/livez", timeout=10).status_code == 200
+    response = classify_batch(url, np.zeros((1, 32, 32, 3), np.uint8))
+    assert response.status_code == 200 and len(response.json()["class_ids"]) == 1
+
+
+# ---- endpoints -----------------------------------------------------------------------------------------
+
+def test_info_and_probes(server):
+    info = requests.get(f"{server}/info", timeout=10).json()
+    assert info["model"].startswith("cifar100-classifier:")
+    assert (info["backend"], info["device"], info["precision"]) == ("onnx", "cpu", "fp32")
+    assert info["metadata"]["arch"] == "simple_cnn" and len(info["metadata"]["classes"]) == 100
+    assert info["batching"]["max_images_per_request"] == 64 and info["batching"]["max_batch_size"] == 1024
+    assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
+    assert requests.get(f"{server}/livez", timeout=10).status_code == 200
+    assert "bentoml_service_adaptive_batch_size" in requests.get(f"{server}/metrics", timeout=10).text
+
+
+@pytest.mark.parametrize("which", ["server", "torch_server"])
+def test_classify_batch_matches_the_model(request, which, direct):
+    url = request.getfixturevalue(which)
+    images = RNG.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    expected = direct(images)
+    body = classify_batch(url, images, probabilities="true").json()
+    assert body["class_ids"] == expected.argmax(1).tolist()
+    np.testing.assert_allclose(body["probabilities"], softmax(expected), atol=1e-5)
+    assert set(classify_batch(url, images[:3]).json()) == {"class_ids"}  # probabilities only on request
+    if which == "torch_server":
+        info = requests.get(f"{url}/info", timeout=10).json()
+        assert info["backend"] == "torch" and info["stats"]["largest_call"] == 8
+
+
+def test_python_client(server, direct, tmp_path):
+    images = RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "x.npy").write_bytes(npy(images))
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    with bentoml.SyncHTTPClient(server) as client:
+        assert client.classify_batch(images=tmp_path / "x.npy")["class_ids"] == direct(images).argmax(1).tolist()
+        body = client.classify_batch(images=tmp_path / "x.npy", probabilities=True)
+        np.testing.assert_allclose(body["probabilities"], softmax(direct(images)), atol=1e-5)
+        (prediction,) = client.classify(images=[tmp_path / "a.png"])["predictions"]
+    assert prediction["class_id"] == int(direct(images[:1]).argmax())
+
+
+def test_classify_png_matches_the_model(server, direct):
+    images = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    files = [("images", (f"{i}.png", image_bytes(Image.fromarray(a), "PNG"), "image/png")) for i, a in enumerate(images)]
+    predictions = requests.post(f"{server}/classify", files=files, timeout=60).json()["predictions"]
+    probs = softmax(direct(images))
+    for p, expected in zip(predictions, probs):
+        top5 = np.argsort(-expected)[:5].tolist()
+        assert [t["class_id"] for t in p["top5"]] == top5 and p["class_id"] == top5[0]
+        assert p["class_name"] == f"class_{top5[0]}"
+        assert abs(p["probability"] - expected[top5[0]]) < 1e-5 and "note" not in p
+
+
+def formats():
+    rgb = Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    gray16 = Image.fromarray((RNG.integers(0, 256, (40, 40)) * 257).astype(np.uint16))
+    frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
+    animated = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    multipage = image_bytes(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    return {
+        "jpeg": image_bytes(rgb.resize((640, 480)), "JPEG"), "gif-palette": image_bytes(rgb.convert("P"), "GIF"),
+        "webp": image_bytes(rgb, "WEBP"), "bmp": image_bytes(rgb, "BMP"), "tiff": image_bytes(rgb, "TIFF"),
+        "png-rgba": image_bytes(rgb.convert("RGBA"), "PNG"), "png-la": image_bytes(rgb.convert("LA"), "PNG"),
+        "png-1bit": image_bytes(rgb.convert("1"), "PNG"), "jpeg-cmyk": image_bytes(rgb.convert("CMYK"), "JPEG"),
+        "png-16bit-gray": image_bytes(gray16, "PNG"), "tiff-16bit-gray": image_bytes(gray16, "TIFF"),
+        "gif-animated": animated, "tiff-multipage": multipage,
+    }
+
+
+def test_classify_any_format_and_mode(server):
+    cases = formats()
+    files = [("images", (f"{name}.bin", data, "application/octet-stream")) for name, data in cases.items()]
+    response = requests.post(f"{server}/classify", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    predictions = dict(zip(cases, response.json()["predictions"]))
+    for name, p in predictions.items():
+        assert 0 <= p["class_id"] < 100 and len(p["top5"]) == 5, name
+        assert ("note" in p) == (name in ("gif-animated", "tiff-multipage")), name
+    assert "2 frames" in predictions["gif-animated"]["note"] and "first" in predictions["gif-animated"]["note"]
+
+
+def test_16bit_is_scaled_not_clipped():
+    gray16 = Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
+    assert np.asarray(to_rgb(gray16))[0, :, 0].tolist() == [0, 128, 255]
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent)).tolist() == [[[255] * 3] * 2] * 2  # composited onto white
+
+
+# ---- bad input: a 4xx with a JSON message naming the problem, and the server stays up ------------------
+
+def truncated_png():
+    data = image_bytes(Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+    return data[: len(data) // 2]
+
+
+BAD_IMAGES = {
+    "not an image": (b"hello, this is text", 400, "not an image"),
+    "truncated": (truncated_png(), 400, "truncated"),
+    "empty": (b"", 400, "empty file"),
+    "over the pixel limit (warning)": (image_bytes(Image.new("L", (1100, 1100)), "PNG"), 413, "too large"),
+    "decompression bomb": (image_bytes(Image.new("L", (2100, 2100)), "PNG"), 413, "too large"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_images(server, case):
+    data, status, message = BAD_IMAGES[case]
+    good = image_bytes(Image.new("RGB", (32, 32)), "PNG")
+    files = [("images", ("good.png", good, "image/png")), ("images", ("bad.png", data, "image/png"))]
+    response = requests.post(f"{server}/classify", files=files, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"] and "images[1]" in response.json()["error"]
+    assert_alive(server)
+
+
+def truncated_npy():
+    data = npy(np.zeros((10, 32, 32, 3), np.uint8))
+    return data[:-100]
+
+
+BAD_ARRAYS = {
+    "wrong shape": (npy(np.zeros((2, 28, 28, 3), np.uint8)), 422, "expected a uint8 array N×32×32×3"),
+    "NCHW": (npy(np.zeros((2, 3, 32, 32), np.uint8)), 422, "(2, 3, 32, 32)"),
+    "wrong dtype": (npy(np.zeros((2, 32, 32, 3), np.float32)), 422, "float32"),
+    "python objects": (npy(np.array([{"x": 1}], dtype=object), allow_pickle=True), 400, "Python objects"),
+    "empty batch": (npy(np.zeros((0, 32, 32, 3), np.uint8)), 400, "empty batch"),
+    "over the image limit": (npy(np.zeros((65, 32, 32, 3), np.uint8)), 413, "65 images exceed the limit of 64"),
+    "not npy": (b"\x89PNG not an array", 400, "not an .npy file"),
+    "truncated npy": (truncated_npy(), 400, "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARRAYS)
+def test_bad_arrays(server, case):
+    data, status, message = BAD_ARRAYS[case]
+    response = requests.post(f"{server}/classify_batch", files={"images": ("x.npy", data)}, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert_alive(server)
+
+
+def test_missing_field_and_no_files(server):
+    response = requests.post(f"{server}/classify_batch", files={"other": ("x.npy", b"x")}, timeout=60)
+    assert response.status_code == 400 and "images" in response.text
+    response = requests.post(f"{server}/classify", data={"x": "1"}, timeout=60)
+    assert response.status_code == 400 and "images" in response.text
+    assert_alive(server)
+
+
+def test_body_over_the_limit(server):
+    big = os.urandom(int(1.5 * 2**20))
+    response = requests.post(f"{server}/classify", files={"images": ("big.png", big)}, timeout=60)
+    assert response.status_code == 413 and "CIFAR100_MAX_BODY_MB" in response.json()["error"]
+
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n\r\n'
+            + big + b"\r\n--xyz--\r\n")
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        for i in range(0, len(body), 2**16):
+            yield body[i:i + 2**16]
+    response = requests.post(f"{server}/classify", data=chunks(), timeout=60,
+                             headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    assert_alive(server)
+
+
+# ---- adaptive batching ----------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_merged(server, direct):
+    batches = [RNG.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda b: classify_batch(server, b), batches))
+    for images, response in zip(batches, results):  # each request got its own rows back
+        assert response.json()["class_ids"] == direct(images).argmax(1).tolist()
+    assert requests.get(f"{server}/info", timeout=10).json()["stats"]["largest_call"] > 2
+    metrics = requests.get(f"{server}/metrics", timeout=10).text
+    buckets = {float(le): float(n) for le, n in re.findall(
+        r'bentoml_service_adaptive_batch_size_bucket\{le="([0-9.]+)".*method_name="predict".*\} ([0-9.]+)', metrics)}
+    total = float(re.search(r'bentoml_service_adaptive_batch_size_count\{.*method_name="predict".*\} ([0-9.]+)',
+                            metrics).group(1))
+    assert buckets[1.0] < total, "no model call merged more than one request"
+
+
+# ---- packaging -----------------------------------------------------------------------------------------
+
+def test_bentoml_build(model_store):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENTOML_HOME": str(model_store), "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml_cli = str(Path(sys.executable).parent / "bentoml")
+    done = subprocess.run([bentoml_cli, "build", "--output", "tag"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    (bento,) = (model_store / "bentos").glob(f"{tag.replace(':', '/')}")
+    assert (bento / "src" / "serving" / "service.py").is_file()
+    assert not any((bento / "src").glob("tests")) and not any((bento / "src").glob(".venv"))
+    manifest = (bento / "bento.yaml").read_text()  # models travel by reference, from the store into the image
+    assert "tag: cifar100-classifier:" in manifest and "entry_service: Classifier" in manifest
+    assert "bentoml==1.4.40" in (bento / "env" / "python" / "requirements.txt").read_text()
+
+
+# ---- the main job: python -m serving.up ------------------------------------------------------------------
+
+def test_up_without_cifar100_points_to_synthetic(tmp_path):
+    code = ("import training.data as d; d.URL = 'http://127.0.0.1:9/cifar-100-python.tar.gz'\n"
+            f"from serving.up import main; main(['--data-dir', {str(tmp_path / 'data')!r}])")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("CIFAR100_SYNTHETIC", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "could not download CIFAR-100" in done.stderr and "--synthetic" in done.stderr
+
+
+def test_up_synthetic_trains_exports_and_serves(tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    cmd = [sys.executable, "-m", "serving.up", "--synthetic", "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--artifacts", str(tmp_path / "art")]
+    log = open(tmp_path / "up.log", "wb")
+    process = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        output = (tmp_path / "up.log").read_text(errors="replace")
+        assert process.poll() is None, output[-3000:]
+        assert f"curl -s {url}/info" in output and "/classify_batch" in output
+        info = requests.get(f"{url}/info", timeout=10).json()
+        assert info["backend"] == "onnx" and {"checkpoint.pt", "model.onnx"} <= set(info["metadata"]["artifacts"])
+        assert classify_batch(url, np.zeros((3, 32, 32, 3), np.uint8)).status_code == 200
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
