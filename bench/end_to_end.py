@@ -1,0 +1,570 @@
+"""End-to-end speed check of one model: raw backends, the BentoML service scoring a Kaggle-sized OOD set,
+Locust latency. One table on stdout (and OUT/table.txt), everything in OUT/summary.json.
+
+    python bench/end_to_end.py                                   # ResNet-50 @224, 950,000 OOD images
+    python bench/end_to_end.py --images 5000 --resolution 32     # CPU dry run, a few minutes
+
+bench/gpu_check.sh runs it on the lent GPU machine after installing the wheels it needs. Stages:
+random-weight ResNet-50 (Part 3) checkpoint -> `python -m export all` -> bench/backends.py -> `bentoml serve`
+-> Locust (1 user on /classify, then N users on both endpoints) -> serving.score through the service ->
+serving.score --direct (no service). Each stage is a subprocess with a time limit cut from one --budget;
+a stage that fails or runs out of time is reported as such and the rest goes on where it can (a scoring
+run cut short reports the images it finished and projects the full set from that rate). The service
+is always stopped.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from training.files import atomic_path  # noqa: E402
+
+N_FILES, FULL_SET = 19, 950_000
+MODEL = "cifar100-classifier"
+
+
+class Stages:
+    """Subprocesses under one deadline; each stage's status, seconds and log tail are recorded."""
+
+    def __init__(self, budget, logs, log_file):
+        self.deadline = time.monotonic() + budget
+        self.logs, self.log_file = logs, log_file
+        self.results, self.groups = {}, set()
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def note(self, text):
+        print(text, flush=True)
+        with open(self.log_file, "a") as f:
+            f.write(text + "\n")
+
+    def run(self, name, cmd, cap, reserve=0.0, env=None):
+        """Run CMD (stdout+stderr to logs/NAME.log) for at most min(cap, time left - reserve) seconds.
+        Returns (status, output text); status is ok | failed (exit N) | timed out | skipped."""
+        limit = min(cap, self.left() - reserve)
+        if limit < 5:
+            self.results[name] = {"status": "skipped: no time left", "seconds": 0.0}
+            self.note(f"== {name}: skipped, no time left")
+            return "skipped", ""
+        self.note(f"== {name} (limit {limit:.0f} s): {' '.join(map(str, cmd))}")
+        log = self.logs / f"{name}.log"
+        start = time.monotonic()
+        with open(log, "w") as out:
+            proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
+            self.groups.add(proc.pid)
+            try:
+                rc = proc.wait(timeout=limit)
+                status = "ok" if rc == 0 else f"failed (exit {rc})"
+            except subprocess.TimeoutExpired:
+                stop_group(proc)
+                status = "timed out"
+            finally:
+                self.groups.discard(proc.pid)
+        seconds = time.monotonic() - start
+        text = log.read_text(errors="replace")
+        self.results[name] = {"status": status, "seconds": round(seconds, 1), "limit_s": round(limit)}
+        self.note(f"   {name}: {status} in {seconds:.1f} s")
+        tail = tail_lines(text, 40 if status != "ok" else 8)
+        with open(self.log_file, "a") as f:
+            f.write(tail + "\n")
+        if status != "ok":
+            print(tail, flush=True)
+        return status.split(" ")[0], text
+
+    def stop_all(self):
+        for pid in list(self.groups):
+            kill_group(pid)
+
+
+def tail_lines(text, n):
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return "\n".join("   | " + ln[:300] for ln in lines[-n:])
+
+
+def kill_group(pgid, grace=15.0, leader=None):
+    """SIGTERM the process group, SIGKILL what is left after `grace` seconds (only groups we started).
+    `leader`, our Popen of the group's first process, is reaped as we go: a zombie still counts as a member."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc, grace=15.0):
+    kill_group(proc.pid, grace, leader=proc)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# ---------------------------------------------------------------- the machine
+
+def machine_info():
+    import importlib.metadata as md
+
+    import torch
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cpu_threads": len(os.sched_getaffinity(0)),
+            "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", cuda_runtime=torch.version.cuda)
+    for dist in ("bentoml", "locust", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt",
+                 "tensorrt-cu13", "tensorrt-cu12"):
+        try:
+            info[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import onnxruntime
+        info["ort_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        info["ort_providers"] = []
+    from export.tensorrt import unavailable_reason
+    info["tensorrt_unavailable"] = unavailable_reason()
+    return info
+
+
+# ---------------------------------------------------------------- the model and the data
+
+def make_checkpoint(path, resolution):
+    """A Part 3 ResNet-50 with random weights (no download, no training): speed does not need accuracy."""
+    import torch
+
+    from training.checkpoint import checkpoint_state, save_checkpoint
+    from training.models import build_classifier
+    from training.recipes import Part3
+    from training.synthetic import CLASSES
+
+    torch.manual_seed(0)
+    recipe = Part3(weights="none", resolution=resolution)
+    model = build_classifier(recipe, pretrained=False)
+    save_checkpoint(path, checkpoint_state(model, recipe, CLASSES,
+                                           metrics={"epoch": 0, "val_acc": 0.0, "val_loss": 0.0}))
+
+
+def write_ood(folder, per_file):
+    """distortion00..18.npy, uint8 per_file×32×32×3 each: one block of synthetic images, rolled per file."""
+    from training.synthetic import make_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 100, per_file)
+    block = np.concatenate([make_images(labels[i:i + 10_000], rng) for i in range(0, per_file, 10_000)])
+    for k in range(N_FILES):
+        with atomic_path(folder / f"distortion{k:02d}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, np.roll(block, 7919 * k, axis=0), allow_pickle=False)
+
+
+def store_entry(bentoml_home):
+    entries = sorted((bentoml_home / "models" / MODEL).glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    return entries[-1].parent if entries else None
+
+
+# ---------------------------------------------------------------- the service
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, timeout=10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def model_stats(url):
+    """The Model process's counters from GET /info: model_calls, images, largest_call, seconds ({} if none)."""
+    try:
+        return get_json(url + "/info").get("stats") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+class Service:
+    """`bentoml serve` in its own process group on a free loopback port; stop() ends the whole group."""
+
+    def __init__(self, work, env, log):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.pgid_file = work / "service.pgid"   # bench/gpu_check.sh's trap stops it even if we are killed
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
+             "--port", str(self.port)], cwd=REPO, env={**os.environ, **env}, stdout=open(log, "w"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid_file.write_text(str(self.proc.pid))
+
+    def wait_ready(self, limit):
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode}"
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
+                    if response.status == 200:
+                        return "ok"
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return "timed out"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            stop_group(self.proc, grace=20)
+        else:
+            kill_group(self.proc.pid, grace=2)   # workers left behind by a dead arbiter
+        self.pgid_file.unlink(missing_ok=True)
+
+
+class GpuSampler:
+    """nvidia-smi utilisation/memory every 0.5 s while a stage runs (nothing without nvidia-smi)."""
+
+    def __init__(self, path):
+        self.proc, self.path = None, path
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "500"],
+                                         stdout=open(path, "w"), stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self):
+        if self.proc is None:
+            return None
+        stop_group(self.proc, grace=3)
+        rows = []
+        for line in Path(self.path).read_text().splitlines():
+            try:
+                rows.append([float(x) for x in line.split(",")[:2]])
+            except ValueError:
+                continue
+        if not rows:
+            return None
+        util = [r[0] for r in rows]
+        return {"gpu_util_mean_pct": round(sum(util) / len(util)), "gpu_util_max_pct": max(util),
+                "gpu_mem_max_mib": max(r[1] for r in rows), "samples": len(rows)}
+
+
+# ---------------------------------------------------------------- results
+
+def bench_rows(text):
+    """Rows of bench/backends.py's table from its output (there even when it was cut short)."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 7 and parts[3].isdigit():
+            try:
+                rows.append({"backend": parts[0], "device": parts[1], "precision": parts[2], "batch": int(parts[3]),
+                             "ms_per_batch": float(parts[4]), "img_per_s": float(parts[5]), "iters": int(parts[6])})
+            except ValueError:
+                continue
+    return rows
+
+
+def score_result(status, text, out_csv, seconds):
+    """Images scored and the rate, from serving.score's last line, or from its saved chunks when cut short."""
+    match = re.search(r"scored (\d+) images in (\d+) requests, ([\d.]+) s \((\d+) img/s\)", text)
+    if status == "ok" and match:
+        return {"complete": True, "images": int(match[1]), "requests": int(match[2]), "seconds": float(match[3]),
+                "img_per_s": float(match[4]), "process_seconds": round(seconds, 1)}
+    parts = Path(f"{out_csv}.parts")
+    images = sum(len(np.load(p, allow_pickle=False)) for p in parts.glob("chunk*.npy")) if parts.is_dir() else 0
+    return {"complete": False, "images": images, "seconds": round(seconds, 1),
+            "img_per_s": images / seconds if images else 0.0, "process_seconds": round(seconds, 1)}
+
+
+def chunk_labels(out_csv, per_file, chunk_size):
+    """{chunk index: labels} from the finished CSV, or from OUT.parts when the run was cut short."""
+    parts = Path(f"{out_csv}.parts")
+    if Path(out_csv).is_file():
+        with open(out_csv, newline="") as f:
+            labels = np.array([int(row["label"]) for row in csv.DictReader(f)])
+        sizes = [min(chunk_size, per_file - s) for _ in range(N_FILES) for s in range(0, per_file, chunk_size)]
+        return dict(enumerate(np.split(labels, np.cumsum(sizes)[:-1])))
+    if parts.is_dir():
+        return {int(p.stem[5:]): np.load(p, allow_pickle=False) for p in parts.glob("chunk*.npy")}
+    return {}
+
+
+def agreement(a, b):
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return None
+    x, y = np.concatenate([a[i] for i in common]), np.concatenate([b[i] for i in common])
+    return {"images": int(len(x)), "same_label": float((x == y).mean())} if len(x) == len(y) else None
+
+
+def locust_summary(folder):
+    found = sorted(Path(folder).glob("u*_summary.json"))
+    return json.loads(found[0].read_text()) if found else None
+
+
+def fmt(x, digits=0):
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def table(s):
+    """The rows that answer: how fast is each piece, and how much of the raw speed reaches the client."""
+    rows = []
+    m = s["machine"]
+    rows.append(("machine", m.get("gpu", "CPU only"), f"torch {m['torch']}, {m['cpu_threads']} CPU threads"))
+    rows.append(("model", "ResNet-50", f"Part 3, random weights, {s['config']['resolution']} px"))
+    for name in ("checkpoint", "export", "bench", "service_start", "write_ood", "locust_low", "locust_load",
+                 "score_service", "score_direct"):
+        st = s["stages"].get(name)
+        if st:
+            rows.append((f"stage {name}", f"{st['status']}", f"{st['seconds']:.0f} s"))
+    b = s["config"]["bench_batch"]
+    for r in s["raw"]:
+        if r["batch"] == b:
+            rows.append((f"raw {r['backend']} {r['device']} {r['precision']} b{b}", f"{fmt(r['img_per_s'])} img/s",
+                         f"{r['ms_per_batch']:.2f} ms/batch"))
+    for r in s["raw"]:
+        if r["batch"] == 1:
+            rows.append((f"raw {r['backend']} {r['device']} {r['precision']} b1", f"{r['ms_per_batch']:.2f} ms", ""))
+    for name, reason in s["missing_backends"].items():
+        rows.append((f"raw {name}", "not measured", reason))
+    full = s["config"]["full_set"]
+    for key, label in (("score_service", "service scoring"), ("score_direct", "direct scoring (no service)")):
+        r = s.get(key)
+        if not r:
+            continue
+        done = "" if r["complete"] else " (cut short)"
+        rows.append((label, f"{fmt(r['img_per_s'])} img/s",
+                     f"{r['images']:,} images in {r['seconds']:.1f} s{done}"))
+        if r["img_per_s"]:
+            rows.append((f"{label}: {full:,} images", f"{full / r['img_per_s']:.0f} s",
+                         "measured" if r["complete"] and r["images"] == full else "projected from the rate"))
+    ratios = s["ratios"]
+    if ratios.get("service_over_raw") is not None:
+        rows.append(("service / raw (same backend)", f"{ratios['service_over_raw']:.2f}", ratios["raw_reference"]))
+    if ratios.get("service_over_direct") is not None:
+        rows.append(("service / direct", f"{ratios['service_over_direct']:.2f}", ""))
+    if s.get("service_model_busy"):
+        sb = s["service_model_busy"]
+        rows.append(("service model busy while scoring", f"{100 * sb['busy_fraction']:.0f}%",
+                     f"mean model batch {sb['mean_batch']:.0f}, largest {sb['largest_call']}"))
+    if s.get("gpu_while_scoring"):
+        g = s["gpu_while_scoring"]
+        rows.append(("GPU util while scoring", f"{g['gpu_util_mean_pct']}% mean", f"max memory {g['gpu_mem_max_mib']:.0f} MiB"))
+    if s.get("agreement"):
+        a = s["agreement"]
+        rows.append(("service vs direct labels", f"{100 * a['same_label']:.2f}% same", f"{a['images']:,} images"))
+    for key, label in (("locust_low", "1 user"), ("locust_load", f"{s['config']['locust_users']} users")):
+        summary = s.get(key)
+        if not summary:
+            continue
+        for endpoint, e in summary["endpoints"].items():
+            extra = f", {fmt(e.get('images_per_s'))} img/s" if e.get("images_per_s") else ""
+            rows.append((f"{endpoint} ({label})", f"p50 {fmt(e['p50_ms'])} ms, p99 {fmt(e['p99_ms'])} ms",
+                         f"{fmt(e['rps'], 1)} req/s{extra}, {e['failures']} failed of {e['requests']}"))
+    rows.append(("all stages", f"{s.get('seconds', 0):.0f} s", f"budget {s['config']['budget']:.0f} s"))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = [f"{'what':<{width}}  {'result':<{vwidth}}  detail", "-" * (width + vwidth + 30)]
+    lines += [f"{a:<{width}}  {b:<{vwidth}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+    env = os.environ.get
+    p.add_argument("--out", default=env("OUT") or "build/gpu_check", help="results (summary.json, table.txt, logs)")
+    p.add_argument("--work", default=env("WORK", "/tmp/gpu_check"), help="scratch: model store, OOD set (wiped)")
+    p.add_argument("--images", type=int, default=int(env("IMAGES", FULL_SET)), help="OOD images (19 files)")
+    p.add_argument("--resolution", type=int, default=int(env("RESOLUTION", 224)))
+    p.add_argument("--budget", type=float, default=float(env("BUDGET", 480)), help="seconds for all stages")
+    p.add_argument("--backend", default=env("BACKEND", "torch"), help="the service's CIFAR100_BACKEND")
+    p.add_argument("--chunk-size", type=int, default=int(env("CHUNK_SIZE", 4096)))
+    p.add_argument("--in-flight", type=int, default=int(env("IN_FLIGHT", 8)))
+    p.add_argument("--batch-sizes", default=env("BATCH_SIZES", "1,256"), help="for bench/backends.py")
+    p.add_argument("--locust-seconds", type=int, default=int(env("LOCUST_SECONDS", 15)))
+    p.add_argument("--keep-data", action="store_true", default=env("KEEP_DATA") == "1",
+                   help="keep the OOD set in WORK/ood (deleted at the end otherwise)")
+    p.add_argument("--locust-users", type=int, default=int(env("LOCUST_USERS", 32)))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out, work = Path(a.out).resolve(), Path(a.work).resolve()
+    if work == Path("/") or work == REPO:
+        sys.exit(f"error: --work {work} would be wiped; give a scratch folder")
+    shutil.rmtree(work, ignore_errors=True)
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.txt").write_text("")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # the finally block below still runs
+
+    stages = Stages(a.budget, logs, out / "log.txt")
+    per_file = max(a.images // N_FILES // 5 * 5, 5)
+    s = {"config": {**{k: v for k, v in vars(a).items() if k not in ("out", "work")}, "full_set": FULL_SET,
+                    "per_file": per_file, "images_written": per_file * N_FILES,
+                    "bench_batch": max(int(b) for b in a.batch_sizes.split(","))},
+         "stages": stages.results, "raw": [], "missing_backends": {}, "ratios": {}}
+    service = sampler = None
+    started = time.monotonic()
+    try:
+        s["machine"] = machine_info()
+        cuda = s["machine"]["cuda"]
+        stages.note(json.dumps(s["machine"]))
+        home = work / "bentoml"
+        env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"}
+        os.environ.update(env)
+
+        ckpt = work / "part3.pt"
+        t0 = time.monotonic()
+        make_checkpoint(ckpt, a.resolution)
+        stages.results["checkpoint"] = {"status": "ok", "seconds": round(time.monotonic() - t0, 1)}
+
+        status, _ = stages.run("export", [sys.executable, "-m", "export", "all", "--checkpoint", ckpt,
+                                          "--out", work / "artifacts", "--name", MODEL], cap=240)
+        entry = store_entry(home)
+        if entry is None:
+            raise RuntimeError("export did not produce a model store entry; see the export log above")
+
+        bench = [sys.executable, "bench/backends.py", "--model-dir", entry, "--batch-sizes", a.batch_sizes,
+                 "--iters", 30, "--max-seconds", 3, "--json", out / "backends.json"] + (["--compile"] if cuda else [])
+        status, text = stages.run("bench", bench, cap=200, reserve=0.55 * stages.left())
+        s["raw"] = bench_rows(text)
+        m = s["machine"]
+        if cuda and "CUDAExecutionProvider" not in m["ort_providers"]:
+            s["missing_backends"]["onnxruntime cuda"] = (f"onnxruntime {m.get('onnxruntime-gpu') or m.get('onnxruntime')}"
+                                                         f" has no CUDAExecutionProvider (CPU build)")
+        if m["tensorrt_unavailable"] or not (entry / "model.engine").is_file():
+            s["missing_backends"]["tensorrt"] = m["tensorrt_unavailable"] or "no engine in the store entry"
+
+        # The OOD set is written while the service starts (CPU work vs. the service's model loading).
+        ood = work / "ood"
+        writer = threading.Thread(target=write_ood, args=(ood, per_file))
+        t0 = time.monotonic()
+        writer.start()
+        service = Service(work, {**env, "CIFAR100_BACKEND": a.backend, "CIFAR100_MODEL": f"{MODEL}:latest"},
+                          logs / "service.log")
+        ready = service.wait_ready(min(240, stages.left() - 60))
+        stages.results["service_start"] = {"status": ready, "seconds": round(time.monotonic() - t0, 1)}
+        stages.note(f"== service at {service.url}: {ready} in {time.monotonic() - t0:.1f} s")
+        writer.join()
+        stages.results["write_ood"] = {"status": "ok", "seconds": round(time.monotonic() - t0, 1),
+                                       "images": per_file * N_FILES}
+        if ready != "ok":
+            print(tail_lines(Path(logs / "service.log").read_text(errors="replace"), 40))
+            raise RuntimeError(f"the service did not become ready: {ready}")
+        s["service_info"] = get_json(service.url + "/info")
+
+        loadtest = [sys.executable, "-m", "loadtest", "--host", service.url]
+        stages.run("locust_low", loadtest + ["--users", 1, "--tags", "images", "--run-time", f"{a.locust_seconds}s",
+                                             "--out", work / "locust_low"], cap=a.locust_seconds + 60, reserve=120)
+        s["locust_low"] = locust_summary(work / "locust_low")
+        stages.run("locust_load", loadtest + ["--users", a.locust_users, "--batch", 256, "--run-time",
+                                              f"{a.locust_seconds}s", "--out", work / "locust_load"],
+                   cap=a.locust_seconds + 60, reserve=120)
+        s["locust_load"] = locust_summary(work / "locust_load")
+
+        before = model_stats(service.url)
+        sampler = GpuSampler(logs / "gpu_service.csv")
+        score = [sys.executable, "-m", "serving.score", "--ood-dir", ood, "--chunk-size", a.chunk_size]
+        # What is left, less a share for the direct run, stopping the service and the report.
+        status, text = stages.run("score_service", score + ["--url", service.url, "--in-flight", a.in_flight,
+                                                            "--out", work / "service.csv"],
+                                  cap=1e9, reserve=max(25, 0.35 * stages.left()))
+        after = model_stats(service.url)   # at once: the service goes on with queued chunks
+        s["gpu_while_scoring"] = sampler.stop()
+        seconds = stages.results["score_service"]["seconds"]
+        if status != "skipped":
+            s["score_service"] = r = score_result(status, text, work / "service.csv", seconds)
+            calls, images = (after.get(k, 0) - before.get(k, 0) for k in ("model_calls", "images"))
+            if not r["complete"] and images > r["images"]:
+                # Cut short with many chunks in flight, few are finished: count what the model has done.
+                r.update(images=images, img_per_s=images / seconds, counted="images through the model (/info)")
+            if calls:
+                s["service_model_busy"] = {"busy_fraction": min(1.0, (after["seconds"] - before.get("seconds", 0)) / seconds),
+                                           "mean_batch": images / calls, "largest_call": after["largest_call"],
+                                           "model_calls": calls}
+        service.stop()
+        service = None
+
+        status, text = stages.run("score_direct", score + ["--direct", entry, "--backend", a.backend,
+                                                           "--out", work / "direct.csv"], cap=1e9, reserve=8)
+        if status != "skipped":
+            s["score_direct"] = score_result(status, text, work / "direct.csv", stages.results["score_direct"]["seconds"])
+        s["agreement"] = agreement(chunk_labels(work / "service.csv", per_file, a.chunk_size),
+                                   chunk_labels(work / "direct.csv", per_file, a.chunk_size))
+    except Exception as e:
+        s["error"] = f"{type(e).__name__}: {e}"
+        stages.note(f"error: {s['error']}")
+    except (KeyboardInterrupt, SystemExit):
+        s["error"] = "stopped by a signal before the end"
+        raise
+    finally:
+        if sampler is not None and sampler.proc is not None and sampler.proc.poll() is None:
+            sampler.stop()
+        if service is not None:
+            service.stop()
+        stages.stop_all()
+        if not a.keep_data:   # 2.9 GB at full size; the logs stay in WORK/logs
+            shutil.rmtree(work / "ood", ignore_errors=True)
+        s["seconds"] = round(time.monotonic() - started, 1)
+        finish(s, out)
+    return 1 if "error" in s else 0
+
+
+def finish(s, out):
+    """Ratios, the table, summary.json; also after an error (with what there is)."""
+    prec = "fp16+channels_last" if s.get("machine", {}).get("cuda") else "fp32"
+    b = s["config"]["bench_batch"]
+    raw = next((r for r in s["raw"] if r["backend"] == "torch-eager" and r["precision"] == prec and r["batch"] == b), None)
+    service, direct = s.get("score_service"), s.get("score_direct")
+    if raw and service and service["img_per_s"] and s["config"]["backend"] == "torch":
+        s["ratios"]["service_over_raw"] = service["img_per_s"] / raw["img_per_s"]
+        s["ratios"]["raw_reference"] = f"torch-eager {prec} b{b}: {raw['img_per_s']:,.0f} img/s"
+    if service and direct and service["img_per_s"] and direct["img_per_s"]:
+        s["ratios"]["service_over_direct"] = service["img_per_s"] / direct["img_per_s"]
+    text = table(s) if "machine" in s else "no results"
+    print("\n" + text + ("\n\nerror: " + s["error"] if "error" in s else ""), flush=True)
+    with atomic_path(out / "table.txt") as tmp:
+        tmp.write_text(text + "\n")
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(s, indent=1, default=str))
+    print(f"\nwrote {out}/summary.json, table.txt, log.txt" +
+          (", backends.json" if (out / "backends.json").is_file() else ""), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
