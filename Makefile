@@ -13,7 +13,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 serve: setup
-	$(PY) -m training part1 --data-dir data --download --out runs
+	$(PY) -m serving.up $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
+
+# Proves `bentoml containerize` without Docker (root; buildah + podman, installed with apt if missing):
+# tiny model -> Bento -> image -> podman run on 127.0.0.1 -> /readyz, /classify, non-root user -> cleanup.
+# Not part of `make test`: it downloads torch + CUDA wheels (~7 GB image). Args: --keep-images, --purge.
+.PHONY: container-check
+container-check: setup
+	container/check.sh $(CONTAINER_CHECK_ARGS)
