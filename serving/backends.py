@@ -142,17 +142,11 @@ def engine_mismatch(model_dir):
     engine, meta_path = Path(model_dir) / "model.engine", Path(model_dir) / "model.engine.json"
     if not engine.is_file() or not meta_path.is_file():
         return "no TensorRT engine in the model"
-    if not cuda_available():
-        return "no GPU"
-    try:
-        import tensorrt
-    except ImportError:
-        return "tensorrt is not installed (pip install '.[tensorrt]')"
-    import torch
+    from export.tensorrt import device_info, unavailable_reason
+    if (why := unavailable_reason()) is not None:
+        return why
     meta = json.loads(meta_path.read_text())
-    here = {"tensorrt_version": tensorrt.__version__, "gpu_name": torch.cuda.get_device_name(),
-            "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability())}
-    for key, value in here.items():
+    for key, value in device_info().items():
         if str(meta.get(key)) != value:
             return f"engine built for {key}={meta.get(key)}, this machine has {value}"
     return None

@@ -71,7 +71,7 @@ def prepare_data(args):
 def ensure_model(args):
     """A model tag in the store, training and exporting Part 1 first when there is none."""
     wanted = os.environ.get("CIFAR100_MODEL")
-    if wanted and wanted.split(":")[0] != MODEL_NAME or wanted and ":" in wanted and not wanted.endswith(":latest"):
+    if wanted and wanted not in (MODEL_NAME, f"{MODEL_NAME}:latest"):  # another model or a pinned version
         if (tag := stored_model(wanted)) is None:
             sys.exit(f"error: CIFAR100_MODEL={wanted} is not in the BentoML store (`bentoml models list`)")
         return tag
