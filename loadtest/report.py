@@ -43,11 +43,12 @@ def read_history(path):
         rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
     t = [int(r["Timestamp"]) - int(rows[0]["Timestamp"]) for r in rows]
     count = [int(r["Total Request Count"]) for r in rows]
-    rps = [None] + [(c1 - c0) / (t1 - t0) if t1 > t0 else None
-                    for c0, c1, t0, t1 in zip(count, count[1:], t, t[1:])]
+    # Over the last (up to) 5 s: a per-second difference of a count of slow requests is mostly 0s and spikes.
+    back = [max(0, i - 5) for i in range(len(rows))]
+    rps = [(count[i] - count[j]) / (t[i] - t[j]) if t[i] > t[j] else None for i, j in enumerate(back)]
     # Locust writes 0 (or N/A) while its recent-latency window is still empty: no point, not 0 ms.
     latency = {k: [_number(r[c]) or None for r in rows] for k, c in (("p50", "50%"), ("p95", "95%"), ("p99", "99%"))}
-    return {"t": t, "users": [int(r["User Count"]) for r in rows], "rps": rps[:len(rows)], **latency}
+    return {"t": t, "users": [int(r["User Count"]) for r in rows], "rps": rps, **latency}
 
 
 def batch_histograms(metrics_text):
@@ -104,16 +105,19 @@ def plot_history(history, path, title):
     for key in ("p50", "p95", "p99"):
         lat.plot(history["t"], history[key], marker=".", label=key)
     lat.set_ylabel("latency (ms)")
+    lat.set_ylim(bottom=0)
     lat.legend()
     lat.grid(alpha=0.3)
     lat.set_title(title)
     thr.plot(history["t"], history["rps"], marker=".", color="tab:green", label="requests/s")
     thr.set_ylabel("requests/s")
+    thr.set_ylim(bottom=0)
     thr.set_xlabel("seconds since start")
     thr.grid(alpha=0.3)
     users = thr.twinx()
     users.step(history["t"], history["users"], where="post", color="tab:gray", alpha=0.6, label="users")
     users.set_ylabel("users")
+    users.set_ylim(bottom=0)
     _save(fig, path)
 
 
