@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="CIFAR-100 lives (or is downloaded) here")
     p.add_argument("--runs", default="runs", help="training output")
     p.add_argument("--artifacts", default="artifacts", help="export output")
-    p.add_argument("--epochs", type=int, default=None, help="Part 1 epochs (default: the recipe's; 2 with --synthetic)")
+    p.add_argument("--epochs", type=int, default=None, help="Part 1 epochs (default: the recipe's; 3 with --synthetic)")
     return p.parse_args(argv)
 
 
@@ -64,7 +64,7 @@ def prepare_data(args):
         load_cifar100(args.data_dir, download=True)
     except DataError as e:
         sys.exit(f"error: {e}\nCIFAR-100 could not be loaded or downloaded. For an offline smoke run use "
-                 f"`python -m serving.up --synthetic` (or CIFAR100_SYNTHETIC=1), which trains on generated data.")
+                 f"`make serve ARGS=--synthetic` / `python -m serving.up --synthetic` (or CIFAR100_SYNTHETIC=1), which trains on generated data.")
     return Path(args.data_dir)
 
 
@@ -83,10 +83,11 @@ def ensure_model(args):
     runs = Path(args.runs) / "synthetic" if args.synthetic else Path(args.runs)
     checkpoint = runs / "part1" / "best.pt"
     if not checkpoint.is_file():
-        epochs = args.epochs or (2 if args.synthetic else None)
+        epochs = args.epochs or (3 if args.synthetic else None)
         run([sys.executable, "-m", "training", "part1", "--data-dir", str(data_dir), "--out", str(runs),
              *(["--epochs", str(epochs)] if epochs else []),
-             *(["--workers", "0", "--wandb", "disabled"] if args.synthetic else [])])
+             # smoke run: small batches learn the small generated set in seconds
+             *(["--batch-size", "64", "--workers", "0", "--wandb", "disabled"] if args.synthetic else [])])
     run([sys.executable, "-m", "export", "all", "--checkpoint", str(checkpoint), "--out", args.artifacts,
          "--name", MODEL_NAME])
     return stored_model(f"{MODEL_NAME}:latest")

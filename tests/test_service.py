@@ -307,6 +307,7 @@ def test_up_synthetic_trains_exports_and_serves(tmp_path):
         assert f"curl -s {url}/info" in output and "/classify_batch" in output
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["backend"] == "onnx" and {"checkpoint.pt", "model.onnx"} <= set(info["metadata"]["artifacts"])
+        assert info["metadata"]["test_acc"] > 0.3  # the smoke model really learned the generated classes
         assert classify_batch(url, np.zeros((3, 32, 32, 3), np.uint8)).status_code == 200
     finally:
         os.killpg(process.pid, signal.SIGTERM)
