@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import anyio
 import bentoml
 import numpy as np
@@ -154,9 +155,19 @@ class Classifier:
         self.classes, self.ready = None, False
 
     async def _predict(self, images, api="predict"):
-        if hasattr(self.model, "to_async"):  # under `bentoml serve`: the Model process, through its batcher
-            return await getattr(self.model.to_async, api)(images)
-        return await anyio.to_thread.run_sync(getattr(self.model, api), images)  # in-process (unit tests)
+        if not hasattr(self.model, "to_async"):  # in-process (unit tests)
+            return await anyio.to_thread.run_sync(getattr(self.model, api), images)
+        call = getattr(self.model.to_async, api)  # under `bentoml serve`: the Model process, through its batcher
+        try:
+            return await call(images)
+        except (aiohttp.ClientConnectionError, RuntimeError) as e:
+            # BentoML's client keeps idle connections to the Model worker for 15 s, the worker closes them
+            # after 5 s (bentoml#4971): a request can meet a connection closing under it. Predicting is
+            # idempotent, so once more on a fresh connection rather than a 500.
+            if isinstance(e, RuntimeError) and "Connection closed" not in str(e):
+                raise
+            log.warning("Model connection dropped (%s); retrying once", type(e).__name__)
+            return await call(images)
 
     async def _model_info(self):
         if hasattr(self.model, "to_async"):
