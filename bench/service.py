@@ -14,10 +14,7 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +22,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from serving.local_server import LocalServer
+
 
 
 def parse_args(argv=None):
@@ -51,28 +49,6 @@ def raw_backend(backend, images, calls):
     for _ in range(calls):
         backend(images)
     return calls * len(images) / (time.perf_counter() - start)
-
-
-def start_server(env):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    process = subprocess.Popen([bentoml, "serve", "serving.service:Classifier", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGTERM)
-    sys.exit("error: bentoml serve did not become ready")
 
 
 def multipart(field, filename, data, boundary="cifar100-bench-boundary"):
@@ -125,9 +101,10 @@ def main(argv=None):
     described = backend.describe()
     buffer = io.BytesIO()
     np.save(buffer, images)
-    process, url = start_server({**os.environ, "CIFAR100_BACKEND": args.backend, "CIFAR100_MODEL": tag,
-                                 "BENTOML_DO_NOT_TRACK": "True"})
-    try:
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    with LocalServer(home, {"CIFAR100_BACKEND": args.backend, "CIFAR100_MODEL": tag},
+                     run_dir=tempfile.mkdtemp(prefix="bench-service-"), ready_timeout=300) as server:
+        url = server.url
         p50, p95 = classify_latency(url, args.classify_requests)
         raws, serveds = [], []
         for _ in range(args.rounds):
@@ -140,9 +117,6 @@ def main(argv=None):
         p50_after, _ = classify_latency(url, args.classify_requests // 4)  # separate batchers: bulk traffic
                                                                            # must not teach /classify to wait
         stats = requests.get(f"{url}/info", timeout=10).json()["stats"]
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
     result = {"model": tag, **described, "machine": f"{platform.processor() or platform.machine()}, "
               f"{len(os.sched_getaffinity(0))} cores", "batch": args.batch, "in_flight": args.in_flight,
               "raw_backend_img_per_s": round(raw),

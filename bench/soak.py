@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,10 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
+
+from serving.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MB = 2**20
 WINDOW_S = 30   # start/end RSS are medians over this many seconds, so one sample's noise does not decide
 
@@ -89,43 +88,6 @@ def tiny_store(out):
     run([sys.executable, "-m", "export", "all", "--checkpoint", checkpoint, "--out", out / "model",
          "--name", "cifar100-classifier"], env, out / "export.log")
     return home
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(url):
-    try:
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def start_server(home, backend, out):
-    """(Popen of `bentoml serve` in its own process group, base URL), waited for /readyz."""
-    port = free_port()
-    run_home = out / "serve-home"   # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir: a home of its own
-    run_home.mkdir(parents=True, exist_ok=True)
-    if not (run_home / "models").exists():
-        (run_home / "models").symlink_to(Path(home).resolve() / "models")
-    env = {**os.environ, "BENTOML_HOME": str(run_home), "BENTOML_DO_NOT_TRACK": "True"}
-    if backend:
-        env["CIFAR100_BACKEND"] = backend
-    url = f"http://127.0.0.1:{port}"
-    log = open(out / "serve.log", "wb")
-    server = subprocess.Popen([BIN / "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ready(url):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop(server)
-            sys.exit(f"error: bentoml serve did not become ready; see {out / 'serve.log'}")
-        time.sleep(0.5)
-    return server, url
 
 
 def stop(process):
@@ -242,8 +204,13 @@ def main(argv=None):
     server = locust = None
     t, samples = [], []
     try:
-        server, url = start_server(home, a.backend, out)
-        root = psutil.Process(server.pid)
+        try:
+            server = LocalServer(home, {"CIFAR100_BACKEND": a.backend} if a.backend else None, run_dir=out / "serve",
+                                 ready_timeout=300)
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
+        url = server.url
+        root = psutil.Process(server.process.pid)
         print(f"serving at {url}; {a.users} users for {duration} s, RSS sampled every {a.every} s", flush=True)
         locust_log = open(out / "locust.log", "wb")
         locust = subprocess.Popen([sys.executable, "-m", "loadtest", "--host", url, "--users", str(a.users),
@@ -259,11 +226,12 @@ def main(argv=None):
                 if len(samples) == 1 or int(now // 60) != int(t[-2] // 60):   # a progress line a minute
                     print(f"{now:6.0f} s  total RSS {total / MB:7.1f} MB  ({len(samples[-1])} processes)", flush=True)
             time.sleep(max(0.0, a.every - (time.monotonic() - began - now)))
-        if server.poll() is not None:
-            sys.exit(f"error: bentoml serve exited during the run ({server.returncode}); see {out / 'serve.log'}")
+        if server.process.poll() is not None:
+            sys.exit(f"error: bentoml serve exited during the run ({server.process.returncode}); see {server.log_path}")
     finally:
         stop(locust)
-        stop(server)
+        if server:
+            server.stop()
     if locust.returncode not in (0, 1):
         print(f"warning: locust ended with exit {locust.returncode}; see {out / 'locust.log'}", file=sys.stderr)
 

@@ -269,10 +269,10 @@ def test_progress_of_other_inputs_is_not_reused(server, ood, tmp_path, capsys):
     assert "starting over" in err
 
 
-def test_survives_a_server_restart(model_store, ood, reference, tmp_path, monkeypatch):
+def test_survives_a_server_restart(model_store, ood, reference, tmp_path):
     """Stop the service mid-run and start it again on the same port: the client retries and finishes."""
-    import conftest   # the BentoServer of tests/conftest.py
-    own = conftest.BentoServer(model_store, log_dir=tmp_path)
+    from serving.local_server import LocalServer
+    own = LocalServer(model_store, run_dir=tmp_path / "first")
     out = tmp_path / "submission.csv"
     client = subprocess.Popen([sys.executable, "-m", "serving.score", "--url", own.url, "--ood-dir", str(ood),
                                "--out", str(out), "--chunk-size", "5", "--in-flight", "2", "--rate", "5",
@@ -283,9 +283,7 @@ def test_survives_a_server_restart(model_store, ood, reference, tmp_path, monkey
         wait_for(lambda: len(chunk_files(out)) >= 3 or client.poll() is not None, 120, "the first chunks")
         own.stop()
         stopped_at = len(chunk_files(out))
-        monkeypatch.setattr(conftest, "free_port", lambda: own.port)   # the same port again
-        (tmp_path / "again").mkdir()
-        restarted = conftest.BentoServer(model_store, log_dir=tmp_path / "again")
+        restarted = LocalServer(model_store, run_dir=tmp_path / "again", port=own.port)   # the same port again
         stdout, stderr = client.communicate(timeout=180)
     finally:
         if client.poll() is None:

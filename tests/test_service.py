@@ -284,7 +284,7 @@ def test_up_without_cifar100_points_to_synthetic(tmp_path):
 
 
 def test_up_synthetic_trains_exports_and_serves(tmp_path):
-    from conftest import free_port
+    from serving.local_server import free_port
 
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}

@@ -1,13 +1,10 @@
 """The three networks, each behind the shared Preprocess: uint8 N×32×32×3 in, logits N×100 out."""
-import logging
 
-import torch
 from torch import nn
 from torchvision import models
 
 from .preprocess import Preprocess
 
-log = logging.getLogger(__name__)
 NUM_CLASSES = 100
 
 

@@ -1,0 +1,82 @@
+"""`bentoml serve serving.service:Classifier` as a child process on a loopback port: for tests and benchmarks.
+
+    with LocalServer(bentoml_home, env={"CIFAR100_BACKEND": "torch"}) as server:
+        requests.get(server.url + "/info")
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """The service on 127.0.0.1 in its own process group, serving the store of BENTOML_HOME; waited for /readyz."""
+
+    def __init__(self, bentoml_home, env=None, run_dir=None, port=None, ready_timeout=240):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        run_dir = Path(run_dir or Path(bentoml_home) / f"serve-{self.port}")
+        self.log_path = run_dir / "serve.log"
+        # A BENTOML_HOME of its own that shares the model store: BentoML keeps its Prometheus files in
+        # $BENTOML_HOME/prometheus_multiproc_dir and wipes them at start, so servers must not share one.
+        home = run_dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "models").exists():
+            (home / "models").symlink_to(Path(bentoml_home).resolve() / "models")
+        full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
+                    **{k: str(v) for k, v in (env or {}).items()}}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [BENTOML, "serve", "serving.service:Classifier", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(ready_timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log_tail(self, n=4000):
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def ready(self):
+        try:
+            return requests.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited ({self.process.returncode}):\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.log_tail()}")
+
+    def stop(self):
+        """SIGTERM to the process group (the server and the workers it started), SIGKILL after 20 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
