@@ -23,6 +23,7 @@ import requests
 from PIL import Image
 
 from serving.local_server import LocalServer
+from training.files import atomic_path
 
 
 
@@ -132,8 +133,8 @@ def main(argv=None):
     print(f"\n{tag} on {described['backend']} ({described['device']}, {described['precision']}), {result['machine']}")
     for name, value in rows:
         print(f"  {name:<52} {value}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 
