@@ -4,10 +4,12 @@
     python bench/backends.py --model-dir ~/bentoml/models/cifar100-classifier/<version>
 
 Backends: PyTorch eager FP32, eager FP16 channels_last (CUDA), torch.compile (--compile), ONNX
-Runtime CPU (FP32) and CUDA (FP32, FP16), TensorRT (when an engine, the package and a GPU are here).
+Runtime CPU (FP32) and CUDA (FP32, FP16), TensorRT (when an engine, the package and a GPU are here);
+with --model-dir also `served-<kind>`: serving/backends.py's backends exactly as the service runs them.
 Each is timed end to end (host uint8 batch -> host logits) per batch size; the median of the timed
-calls is reported. Iterations stop early after --max-seconds per cell, so CPU runs stay short.
-ONNX files missing next to a checkpoint are exported into a temporary folder first.
+calls is reported. Iterations stop early after --max-seconds per cell, so CPU runs stay short. Every
+cell's logits are compared with eager FP32 PyTorch on the same images: largest |difference| and the
+share of equal top-1 classes. ONNX files missing next to a checkpoint are exported into a temporary folder first.
 """
 import argparse
 import json
@@ -25,7 +27,7 @@ import torch
 
 from export.onnx import ExportError, export_checkpoint, ort_session, read_metadata
 from training.checkpoint import CheckpointError, load_classifier, sha256
-from training.files import atomic_path
+from training.files import write_json
 
 log = logging.getLogger("bench")
 
@@ -115,16 +117,29 @@ def backends(args, checkpoint, artifacts, device):
             yield "onnxruntime", device, precision, run
     if "engine" not in artifacts:
         log.info("skipping TensorRT: no engine (python -m export tensorrt)")
-        return
-    from export.tensorrt import TensorRTRunner, unavailable_reason
-    if reason := unavailable_reason():
-        log.info("skipping TensorRT: %s", reason)
     else:
-        yield "tensorrt", device, "fp16", TensorRTRunner(artifacts["engine"])
+        from export.tensorrt import TensorRTRunner, unavailable_reason
+        if reason := unavailable_reason():
+            log.info("skipping TensorRT: %s", reason)
+        else:
+            yield "tensorrt", device, "fp16", TensorRTRunner(artifacts["engine"])
+    if args.model_dir:
+        from serving.backends import BackendError, load_backend
+        for kind in ("torch", "onnx", "tensorrt"):
+            try:
+                backend = load_backend(kind, args.model_dir, device)
+            except BackendError as e:
+                log.info("skipping served-%s: %s", kind, e)
+                continue
+            yield f"served-{kind}", backend.device, backend.precision, backend
+
+
+def test_images(batch):
+    return np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
 
 
 def time_cell(run, batch, iters, max_seconds, warmup, sync):
-    images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    images = test_images(batch)
     for _ in range(warmup):
         run(images)
     sync()
@@ -137,7 +152,7 @@ def time_cell(run, batch, iters, max_seconds, warmup, sync):
     assert logits.shape == (batch, 100) and logits.dtype == np.float32
     median = statistics.median(times)
     return {"batch": batch, "iters": len(times), "ms_per_batch": 1e3 * median,
-            "ms_p90": 1e3 * float(np.percentile(times, 90)), "img_per_s": batch / median}
+            "ms_p90": 1e3 * float(np.percentile(times, 90)), "img_per_s": batch / median}, logits
 
 
 def machine(device):
@@ -184,22 +199,36 @@ def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
     recipe = ckpt["recipe"]
     log.info("%s (%s at %d px) on %s", checkpoint, recipe["arch"], recipe["resolution"], device)
 
-    results = []
-    header = f"{'backend':<14} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} {'iters':>5}"
+    results, reference = [], {}
+    reference_model = load_classifier(checkpoint)[0]   # eager FP32 on the CPU: what every backend should compute
+    header = (f"{'backend':<16} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} "
+              f"{'iters':>5} {'max|diff|':>9} {'top1%':>6}")
     print(header + "\n" + "-" * len(header), flush=True)
     for name, dev, precision, run in backends(args, checkpoint, artifacts, device):
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            cell = time_cell(run, batch, args.iters, max_seconds, warmup=2 if dev == "cpu" else 5, sync=sync)
+            if batch not in reference:
+                with torch.inference_mode():
+                    reference[batch] = reference_model(torch.from_numpy(test_images(batch))).numpy()
+            try:
+                cell, logits = time_cell(run, batch, args.iters, max_seconds, warmup=2 if dev == "cpu" else 5,
+                                         sync=sync)
+            except Exception as e:   # one backend failing must not hide the others' rows
+                log.error("%s %s batch %d failed: %s: %s", name, precision, batch, type(e).__name__, e)
+                results.append({"backend": name, "device": dev, "precision": precision, "batch": batch,
+                                 "error": f"{type(e).__name__}: {e}"})
+                continue
+            cell["max_abs_diff"] = float(np.abs(logits - reference[batch]).max())
+            cell["top1_agree"] = float((logits.argmax(1) == reference[batch].argmax(1)).mean())
             results.append({"backend": name, "device": dev, "precision": precision, **cell})
-            print(f"{name:<14} {dev:<6} {precision:<19} {batch:>5} {cell['ms_per_batch']:>10.2f} "
-                  f"{cell['img_per_s']:>10.0f} {cell['iters']:>5}", flush=True)
+            print(f"{name:<16} {dev:<6} {precision:<19} {batch:>5} {cell['ms_per_batch']:>10.2f} "
+                  f"{cell['img_per_s']:>10.0f} {cell['iters']:>5} {cell['max_abs_diff']:>9.2e} "
+                  f"{100 * cell['top1_agree']:>6.1f}", flush=True)
         del run  # free this backend before the next one is built
     if args.json:
         report = {"machine": machine(device), "checkpoint": str(checkpoint),
                   "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
                   "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
         log.info("wrote %s", args.json)
 
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from training.files import atomic_path  # noqa: E402
+from serving.local_server import LocalServer  # noqa: E402
+from training.files import atomic_path, write_json  # noqa: E402
 
 N_FILES, FULL_SET = 19, 950_000
 MODEL = "cifar100-classifier"
@@ -193,12 +193,6 @@ def store_entry(bentoml_home):
 
 # ---------------------------------------------------------------- the service
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url, timeout=10.0):
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -210,42 +204,6 @@ def model_stats(url):
         return get_json(url + "/info").get("stats") or {}
     except (OSError, ValueError):
         return {}
-
-
-class Service:
-    """`bentoml serve` in its own process group on a free loopback port; stop() ends the whole group."""
-
-    def __init__(self, work, env, log):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.pgid_file = work / "service.pgid"   # bench/gpu_check.sh's trap stops it even if we are killed
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-             "--port", str(self.port)], cwd=REPO, env={**os.environ, **env}, stdout=open(log, "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        self.pgid_file.write_text(str(self.proc.pid))
-
-    def wait_ready(self, limit):
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return f"exited with {self.proc.returncode}"
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        return "ok"
-            except OSError:
-                pass
-            time.sleep(0.5)
-        return "timed out"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            stop_group(self.proc, grace=20)
-        else:
-            kill_group(self.proc.pid, grace=2)   # workers left behind by a dead arbiter
-        self.pgid_file.unlink(missing_ok=True)
 
 
 class GpuSampler:
@@ -282,10 +240,11 @@ def bench_rows(text):
     rows = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 7 and parts[3].isdigit():
+        if len(parts) == 9 and parts[3].isdigit():
             try:
                 rows.append({"backend": parts[0], "device": parts[1], "precision": parts[2], "batch": int(parts[3]),
-                             "ms_per_batch": float(parts[4]), "img_per_s": float(parts[5]), "iters": int(parts[6])})
+                             "ms_per_batch": float(parts[4]), "img_per_s": float(parts[5]), "iters": int(parts[6]),
+                             "max_abs_diff": float(parts[7]), "top1_agree": float(parts[8]) / 100})
             except ValueError:
                 continue
     return rows
@@ -350,12 +309,16 @@ def table(s):
     for r in s["raw"]:
         if r["batch"] == b:
             rows.append((f"raw {r['backend']} {r['device']} {r['precision']} b{b}", f"{fmt(r['img_per_s'])} img/s",
-                         f"{r['ms_per_batch']:.2f} ms/batch"))
+                         f"{r['ms_per_batch']:.2f} ms/batch, top-1 = fp32 on {100 * r['top1_agree']:.1f}%, "
+                         f"max |diff| {r['max_abs_diff']:.1e}"))
     for r in s["raw"]:
         if r["batch"] == 1:
             rows.append((f"raw {r['backend']} {r['device']} {r['precision']} b1", f"{r['ms_per_batch']:.2f} ms", ""))
     for name, reason in s["missing_backends"].items():
         rows.append((f"raw {name}", "not measured", reason))
+    if auto := s.get("service_info", {}).get("auto"):
+        rows.append(("service backend (auto)", s["service_info"]["backend"],
+                     ", ".join(f"{k} {v:,} img/s" for k, v in auto["img_per_s"].items()) + f" at batch {auto['batch']}"))
     full = s["config"]["full_set"]
     for key, label in (("score_service", "service scoring"), ("score_direct", "direct scoring (no service)")):
         r = s.get(key)
@@ -409,7 +372,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=int(env("IMAGES", FULL_SET)), help="OOD images (19 files)")
     p.add_argument("--resolution", type=int, default=int(env("RESOLUTION", 224)))
     p.add_argument("--budget", type=float, default=float(env("BUDGET", 480)), help="seconds for all stages")
-    p.add_argument("--backend", default=env("BACKEND", "torch"), help="the service's CIFAR100_BACKEND")
+    p.add_argument("--backend", default=env("BACKEND", "auto"), help="the service's CIFAR100_BACKEND")
     p.add_argument("--chunk-size", type=int, default=int(env("CHUNK_SIZE", 4096)))
     p.add_argument("--in-flight", type=int, default=int(env("IN_FLIGHT", 8)))
     p.add_argument("--batch-sizes", default=env("BATCH_SIZES", "1,256"), help="for bench/backends.py")
@@ -475,17 +438,19 @@ def main(argv=None):
         writer = threading.Thread(target=write_ood, args=(ood, per_file))
         t0 = time.monotonic()
         writer.start()
-        service = Service(work, {**env, "CIFAR100_BACKEND": a.backend, "CIFAR100_MODEL": f"{MODEL}:latest"},
-                          logs / "service.log")
-        ready = service.wait_ready(min(240, stages.left() - 60))
-        stages.results["service_start"] = {"status": ready, "seconds": round(time.monotonic() - t0, 1)}
-        stages.note(f"== service at {service.url}: {ready} in {time.monotonic() - t0:.1f} s")
+        try:
+            service = LocalServer(home, {"CIFAR100_BACKEND": a.backend, "CIFAR100_MODEL": f"{MODEL}:latest"},
+                                  run_dir=work / "service", ready_timeout=max(5, min(240, stages.left() - 60)))
+            ready = "ok"
+        except RuntimeError as e:   # its message ends with the server log's tail
+            ready = str(e)
+        stages.results["service_start"] = {"status": ready.splitlines()[0], "seconds": round(time.monotonic() - t0, 1)}
+        stages.note(f"== service: {ready} in {time.monotonic() - t0:.1f} s" + (f" at {service.url}" if service else ""))
         writer.join()
         stages.results["write_ood"] = {"status": "ok", "seconds": round(time.monotonic() - t0, 1),
                                        "images": per_file * N_FILES}
-        if ready != "ok":
-            print(tail_lines(Path(logs / "service.log").read_text(errors="replace"), 40))
-            raise RuntimeError(f"the service did not become ready: {ready}")
+        if service is None:
+            raise RuntimeError("the service did not become ready")
         s["service_info"] = get_json(service.url + "/info")
 
         loadtest = [sys.executable, "-m", "loadtest", "--host", service.url]
@@ -547,21 +512,20 @@ def main(argv=None):
 
 def finish(s, out):
     """Ratios, the table, summary.json; also after an error (with what there is)."""
-    prec = "fp16+channels_last" if s.get("machine", {}).get("cuda") else "fp32"
     b = s["config"]["bench_batch"]
-    raw = next((r for r in s["raw"] if r["backend"] == "torch-eager" and r["precision"] == prec and r["batch"] == b), None)
+    served = s.get("service_info", {}).get("backend")   # the backend the service chose (auto measures)
+    raw = next((r for r in s["raw"] if r["backend"] == f"served-{served}" and r["batch"] == b), None)
     service, direct = s.get("score_service"), s.get("score_direct")
-    if raw and service and service["img_per_s"] and s["config"]["backend"] == "torch":
+    if raw and service and service["img_per_s"]:
         s["ratios"]["service_over_raw"] = service["img_per_s"] / raw["img_per_s"]
-        s["ratios"]["raw_reference"] = f"torch-eager {prec} b{b}: {raw['img_per_s']:,.0f} img/s"
+        s["ratios"]["raw_reference"] = f"served-{served} {raw['precision']} b{b}: {raw['img_per_s']:,.0f} img/s"
     if service and direct and service["img_per_s"] and direct["img_per_s"]:
         s["ratios"]["service_over_direct"] = service["img_per_s"] / direct["img_per_s"]
     text = table(s) if "machine" in s else "no results"
     print("\n" + text + ("\n\nerror: " + s["error"] if "error" in s else ""), flush=True)
     with atomic_path(out / "table.txt") as tmp:
         tmp.write_text(text + "\n")
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(s, indent=1, default=str))
+    write_json(out / "summary.json", s)
     print(f"\nwrote {out}/summary.json, table.txt, log.txt" +
           (", backends.json" if (out / "backends.json").is_file() else ""), flush=True)
 

@@ -11,7 +11,7 @@
 #    `bentoml serve`, Locust, scoring the OOD set through the service and directly; one table at the end.
 # Results: $OUT (default build/gpu_check): summary.json, table.txt, log.txt, backends.json, console.txt.
 # Environment: OUT, WORK (scratch, wiped; /tmp/gpu_check), IMAGES, RESOLUTION, BUDGET (seconds for the
-# stages, 480), BACKEND (the service's, torch), CHUNK_SIZE, IN_FLIGHT, BATCH_SIZES, LOCUST_SECONDS, LOCUST_USERS,
+# stages, 480), BACKEND (the service's, auto), CHUNK_SIZE, IN_FLIGHT, BATCH_SIZES, LOCUST_SECONDS, LOCUST_USERS,
 # KEEP_DATA=1 (keep the OOD set), CIFAR100_* (passed to the service, e.g. CIFAR100_TORCH_COMPILE=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,17 +20,18 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 START=$(date +%s)
 
-# The service runs in its own process group (pgid in $WORK/service.pgid); stop it however we exit.
+# The service runs in its own process group (pgid in $WORK/service/server.pgid, written by LocalServer);
+# stop it however we exit.
 stop_service() {
   local pgid
-  pgid=$(cat "$WORK/service.pgid" 2>/dev/null) || return 0
+  pgid=$(cat "$WORK/service/server.pgid" 2>/dev/null) || return 0
   if kill -0 -- "-$pgid" 2>/dev/null; then
     echo "stopping the service (process group $pgid)"
     kill -TERM -- "-$pgid" 2>/dev/null
     for _ in $(seq 40); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$pgid" 2>/dev/null
   fi
-  rm -f "$WORK/service.pgid"
+  rm -f "$WORK/service/server.pgid"
 }
 DRIVER=
 on_signal() {  # the driver stops the service itself on SIGTERM; the EXIT trap catches the rest

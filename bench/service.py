@@ -14,6 +14,7 @@ import io
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import requests
 from PIL import Image
 
 from serving.local_server import LocalServer
-from training.files import atomic_path
+from training.files import write_json
 
 
 
@@ -41,7 +42,11 @@ def parse_args(argv=None):
 
 def model_dir():
     import bentoml
-    model = bentoml.models.get("cifar100-classifier:latest")
+    try:
+        model = bentoml.models.get("cifar100-classifier:latest")
+    except bentoml.exceptions.NotFound as e:
+        sys.exit(f"error: {e}: `make serve ARGS=--synthetic` (or python -m export all) puts one there; "
+                 f"BENTOML_HOME picks another store")
     return str(model.tag), model.path
 
 
@@ -133,8 +138,7 @@ def main(argv=None):
     print(f"\n{tag} on {described['backend']} ({described['device']}, {described['precision']}), {result['machine']}")
     for name, value in rows:
         print(f"  {name:<52} {value}")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result))
 
 

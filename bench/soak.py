@@ -174,7 +174,7 @@ def plot(t, series, warmup, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.files import atomic_path
+    from training.files import save_figure
     fig, (procs, total) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     minutes = [x / 60 for x in t]
     for name, values in series["rss"].items():
@@ -188,9 +188,7 @@ def plot(t, series, warmup, path, title):
         ax.legend(fontsize=8, loc="lower right")
     procs.set_title(title)
     total.set_xlabel("minutes of load")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -267,7 +265,7 @@ def main(argv=None):
         verdict += f"; {failures} requests failed"
     print(verdict)
 
-    from training.files import atomic_path
+    from training.files import write_json
     result = {"verdict": verdict, "passed": passed, "max_growth_mb": a.max_growth_mb, "minutes": a.minutes,
               "warmup_s": a.warmup, "users": a.users, "batch": a.batch, "every_s": a.every,
               "backend": a.backend or "auto", "model_home": str(home), "tiny_model": not a.home,
@@ -275,8 +273,7 @@ def main(argv=None):
               "summary": rows, "load": load, "t_s": t,
               "series_mb": {k: {n: [round(v / MB, 2) if v is not None else None for v in vs] for n, vs in s.items()}
                             for k, s in series.items()}}
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+    write_json(json_path, result)
     plot(t, series, a.warmup, png_path, f"bentoml serve under {a.users} Locust users ({a.minutes:g} min): "
                                         f"{'PASS' if passed else 'FAIL'}")
     print(f"wrote {json_path}, {png_path} (logs and Locust reports in {out})")

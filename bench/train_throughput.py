@@ -3,12 +3,11 @@
     python bench/train_throughput.py [--parts part1,part2,part3] [--steps 20] [--json out.json]
 """
 import argparse
-import json
 import platform
 
 import torch
 
-from training.files import atomic_path
+from training.files import write_json
 from training.models import build_classifier
 from training.recipes import RECIPES
 from training.train import build_optimizer, train_one_epoch
@@ -50,8 +49,7 @@ def main():
     for r in rows:
         print(f"{r['part']:6} {r['arch']:11} {r['resolution']:>4} {r['batch_size']:>6} {r['images_per_s']:>10.0f}")
     if a.json:
-        with atomic_path(a.json) as tmp:
-            tmp.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": rows}, indent=2))
+        write_json(a.json, {"device": name, "torch": torch.__version__, "results": rows})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Writes DIR/probe.png (a test image of the dataset) and DIR/probe.json; exits non
 """
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from training.checkpoint import load_classifier  # noqa: E402
 from training.data import load_cifar100  # noqa: E402
+from training.files import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -53,7 +53,7 @@ def main(argv=None):
     served = {k: info.get(k) for k in ("model", "backend", "device", "precision")}
     report = {"served_by": served, "expected_class_id": expected, "expected_probability": float(probs[expected]),
               "expected_class_name": ckpt["classes"][expected], "answer": pred}
-    (out / "probe.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "probe.json", report)
     problems = []
     if pred["class_id"] != expected:
         problems.append(f"class_id {pred['class_id']} != model's {expected}")

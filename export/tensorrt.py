@@ -5,7 +5,6 @@ engine from the FP16 ONNX file. TensorRT 10 is weakly typed by default: there Bu
 pick FP16 kernels for an FP32 graph. An engine runs only on the GPU architecture and TensorRT version
 it was built with; <engine>.json records both next to it.
 """
-import json
 import logging
 import threading
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from training.checkpoint import sha256
-from training.files import atomic_path
+from training.files import atomic_path, write_json
 
 from .onnx import INPUT, ExportError, compare, ort_session, random_batches, read_metadata
 
@@ -96,8 +95,7 @@ def build_engine(onnx_path, engine_path, min_batch=1, opt_batch=64, max_batch=25
         with open(tmp, "wb") as f:
             f.write(serialized)
         info["parity"] = check_engine(tmp, onnx_path, opt_batch)
-    with atomic_path(engine_path.with_name(engine_path.name + ".json")) as tmp:
-        tmp.write_text(json.dumps(info, indent=2))
+    write_json(engine_path.with_name(engine_path.name + ".json"), info)
     log.info("wrote %s (%.1f MB) and %s.json", engine_path, engine_path.stat().st_size / 1e6, engine_path.name)
     return info
 

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 import requests
 
+from training.files import write_json
+
 from . import report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -103,7 +105,7 @@ def run_locust(a, users, out):
                "adaptive_batches": report.batch_sizes(before, metrics_text(a.host)),
                "files": {"stats": f"{prefix}_stats.csv", "history": f"{prefix}_stats_history.csv",
                          "html": f"{prefix}_report.html", "timeline": f"{prefix}_timeline.png"}}
-    report.write_json(f"{prefix}_summary.json", summary)
+    write_json(f"{prefix}_summary.json", summary)
     report.plot_history(report.read_history(f"{prefix}_stats_history.csv"), f"{prefix}_timeline.png",
                         f"{a.host}: {users} users, {'+'.join(summary['tags'])}")
     return summary
@@ -141,7 +143,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         summaries = [run_locust(a, u, out) for u in counts]
         if a.sweep:
-            report.write_json(out / "sweep.json", summaries)
+            write_json(out / "sweep.json", summaries)
             report.plot_sweep(summaries, out / "sweep.png", f"{a.host}: {'+'.join(summaries[0]['tags'])}")
     except LoadTestError as e:
         print(f"error: {e}", file=sys.stderr)

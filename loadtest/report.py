@@ -1,13 +1,12 @@
 """Turn Locust's CSV files and the service's /metrics into a summary (JSON + table) and PNG plots."""
 import csv
-import json
 
 import matplotlib
 matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from training.files import atomic_path  # noqa: E402
+from training.files import save_figure  # noqa: E402
 
 # BentoML's histogram of the batches its adaptive batcher formed; it observes how many *requests*
 # (calls of the batchable method) were merged into one batch, not how many images they held.
@@ -88,17 +87,6 @@ def batch_sizes(before_text, after_text):
     return out
 
 
-def write_json(path, data):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
-
-
-def _save(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_history(history, path, title):
     """Latency percentiles and throughput over the run."""
     fig, (lat, thr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -118,7 +106,7 @@ def plot_history(history, path, title):
     users.step(history["t"], history["users"], where="post", color="tab:gray", alpha=0.6, label="users")
     users.set_ylabel("users")
     users.set_ylim(bottom=0)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sweep(summaries, path, title):
@@ -136,7 +124,7 @@ def plot_sweep(summaries, path, title):
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def table(summaries):

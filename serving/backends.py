@@ -1,21 +1,27 @@
 """Inference backends behind one interface: uint8 images N×32×32×3 (NHWC, RGB) in, float32 logits N×100 out.
 
 `load_backend(kind, model_dir)` reads the files of a `cifar100-classifier` store entry (contract #1):
-  torch     checkpoint.pt; on a GPU fp16 + channels_last (optionally torch.compile'd with CUDA graphs
-            for fixed batch buckets: CIFAR100_TORCH_COMPILE=1); on the CPU fp32
-  onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime, CUDA EP on a GPU
+  torch     checkpoint.pt; on a GPU fp16 + channels_last, through preallocated pinned host buffers with
+            asynchronous copies (optionally torch.compile'd with CUDA graphs for fixed batch buckets:
+            CIFAR100_TORCH_COMPILE=1); on the CPU fp32
+  onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime with I/O binding, CUDA EP on a GPU
   tensorrt  model.engine through export.tensorrt.TensorRTRunner, only when the engine was built for this GPU
-  auto      tensorrt if its engine fits this GPU, else onnx (CUDA on a GPU, CPU otherwise), else torch
+  auto      every one of them that can run on this machine's device, timed on the same batch after warm-up;
+            the fastest serves (describe() shows the measured img/s and why the others were left out)
 """
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
+NUM_CLASSES = 100
+AUTO_BATCH = {True: 256, False: 32}   # images per timed call when auto compares backends: on a GPU, on the CPU
 
 
 class BackendError(Exception):
@@ -37,6 +43,7 @@ def cpu_threads():
 class Backend:
     name = device = precision = ""
     max_batch = None  # the largest batch one call of the engine takes; bigger inputs are chunked
+    auto = None       # how `auto` chose this backend: measured img/s of each candidate
 
     def run(self, images):
         raise NotImplementedError
@@ -55,7 +62,7 @@ class Backend:
 
     def describe(self):
         return {"backend": self.name, "device": self.device, "precision": self.precision,
-                "engine_max_batch": self.max_batch}
+                "engine_max_batch": self.max_batch, **({"auto": self.auto} if self.auto else {})}
 
 
 class TorchBackend(Backend):
@@ -80,21 +87,32 @@ class TorchBackend(Backend):
         if compile and self.device.startswith("cuda"):
             # CUDA graphs need fixed shapes: pad every batch up to a power-of-two bucket.
             model = torch.compile(model, mode="reduce-overhead", dynamic=False)
-            self.max_batch = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
-            self.buckets = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch]
             self.precision += "+cudagraphs"
+        if self.device.startswith("cuda"):
+            # Buffers made once: pinned host memory makes both copies asynchronous DMA. A bucket's padding rows
+            # are whatever the last call left in the input buffer: in eval mode each image's logits are its own.
+            self.max_batch = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
+            if compile:
+                self.buckets = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch]
+            self.host_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8).pin_memory()
+            self.host_out = torch.empty((self.max_batch, NUM_CLASSES), dtype=torch.float32).pin_memory()
+            self.device_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8, device=self.device)
+            self.lock = threading.Lock()   # the buffers serve one call at a time
         self.model = model
 
     def run(self, images):
         torch, n = self.torch, len(images)
-        x = torch.from_numpy(images)
-        if self.buckets:
-            bucket = next(b for b in self.buckets if b >= n)
-            if bucket > n:
-                x = torch.cat([x, x.new_zeros((bucket - n, *x.shape[1:]))])
-        with torch.inference_mode():
-            logits = self.model(x.to(self.device, non_blocking=True))
-        return logits[:n].float().cpu().numpy()
+        if not self.device.startswith("cuda"):
+            with torch.inference_mode():
+                return self.model(torch.from_numpy(images)).numpy()
+        with self.lock, torch.inference_mode():
+            np.copyto(self.host_in[:n].numpy(), images)
+            self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
+            rows = next(b for b in self.buckets if b >= n) if self.buckets else n
+            logits = self.model(self.device_in[:rows])
+            self.host_out[:n].copy_(logits[:n].float(), non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            return self.host_out[:n].numpy().copy()
 
     def warmup(self, sizes=(1, 64)):
         super().warmup(self.buckets or sizes)
@@ -109,6 +127,8 @@ class OnnxBackend(Backend):
         model_dir = Path(model_dir)
         gpu = (device or ("cuda" if cuda_available() else "cpu")).startswith("cuda")
         if gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            if device:   # asked for by name (auto does): refuse rather than run on the CPU
+                raise BackendError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
             log.warning("GPU present but this onnxruntime has no CUDAExecutionProvider; using the CPU")
             gpu = False
         path = model_dir / "model.onnx"
@@ -133,8 +153,12 @@ class OnnxBackend(Backend):
         self.output_name = self.session.get_outputs()[0].name
 
     def run(self, images):
-        logits = self.session.run([self.output_name], {self.input_name: images})[0]
-        return logits.astype(np.float32, copy=False)
+        # I/O binding: the logits stay where the model made them until one copy to the host at the end.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(images))
+        binding.bind_output(self.output_name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
 
 
 def engine_mismatch(model_dir):
@@ -170,16 +194,51 @@ class TensorRTBackend(Backend):
         return np.asarray(self.runner(images), dtype=np.float32)
 
 
+BACKENDS = {"tensorrt": TensorRTBackend, "onnx": OnnxBackend, "torch": TorchBackend}
+
+
 def load_backend(kind, model_dir, device=None):
     """The backend `kind` (auto|torch|onnx|tensorrt) over the files in `model_dir`."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}: use one of {', '.join(KINDS)}")
-    if kind == "auto":
-        if (why := engine_mismatch(model_dir)) is None:
-            kind = "tensorrt"
-        elif (Path(model_dir) / "model.onnx").is_file():
-            log.info("auto backend: not TensorRT (%s); using ONNX Runtime", why)
-            kind = "onnx"
-        else:
-            kind = "torch"
-    return {"torch": TorchBackend, "onnx": OnnxBackend, "tensorrt": TensorRTBackend}[kind](model_dir, device)
+    return fastest_backend(model_dir, device) if kind == "auto" else BACKENDS[kind](model_dir, device)
+
+
+def images_per_second(backend, batch, min_seconds=0.5, min_calls=3):
+    backend(batch)   # first call: lazy initialisation, autotuning
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        backend(batch)
+        calls += 1
+    return calls * len(batch) / (time.perf_counter() - start)
+
+
+def fastest_backend(model_dir, device=None):
+    """auto: every backend that loads for this machine's device, timed on the same batch; the fastest wins."""
+    device = device or ("cuda" if cuda_available() else "cpu")
+    candidates, left_out = {}, {}
+    for kind, make in BACKENDS.items():
+        try:
+            candidates[kind] = make(model_dir, device)
+        except Exception as e:   # a missing file or library, an engine for another GPU: say why, go on
+            left_out[kind] = str(e).removeprefix("TensorRT backend unavailable: ")
+    batch = np.zeros((AUTO_BATCH[device.startswith("cuda")], 32, 32, 3), np.uint8)
+    speed = {}
+    for kind, backend in list(candidates.items()):
+        try:
+            speed[kind] = round(images_per_second(backend, batch))
+        except Exception as e:   # loads but cannot run here (e.g. out of memory): leave it out too
+            left_out[kind] = f"failed on a batch of {len(batch)}: {type(e).__name__}: {e}"
+            del candidates[kind]
+    if not speed:
+        raise BackendError(f"no backend can serve {model_dir}: " + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
+    best = max(speed, key=speed.get)
+    chosen = candidates.pop(best)
+    candidates.clear()   # free the others (and their device memory) now
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.empty_cache()
+    chosen.auto = {"batch": len(batch), "img_per_s": speed, "left_out": left_out}
+    log.info("auto backend: %s (%s img/s at batch %d; left out: %s)", best,
+             ", ".join(f"{k} {v}" for k, v in speed.items()), len(batch), left_out or "none")
+    return chosen

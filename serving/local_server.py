@@ -14,7 +14,6 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).parent / "bentoml")
 
 
 def free_port():
@@ -24,7 +23,8 @@ def free_port():
 
 
 class LocalServer:
-    """The service on 127.0.0.1 in its own process group, serving the store of BENTOML_HOME; waited for /readyz."""
+    """The service on 127.0.0.1 in its own process group, serving the store of BENTOML_HOME; waited for /readyz.
+    RUN_DIR gets serve.log and server.pgid (the group to stop, for a shell trap if this process is killed)."""
 
     def __init__(self, bentoml_home, env=None, run_dir=None, port=None, ready_timeout=240):
         self.port = port or free_port()
@@ -40,10 +40,17 @@ class LocalServer:
         full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
                     **{k: str(v) for k, v in (env or {}).items()}}
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [BENTOML, "serve", "serving.service:Classifier", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.process = subprocess.Popen(   # `python -m bentoml`: also where bentoml is on PYTHONPATH only
+                [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
                 cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(ready_timeout)
+        self.pgid_file = run_dir / "server.pgid"
+        self.pgid_file.write_text(str(self.process.pid))
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def __enter__(self):
         return self
@@ -68,15 +75,19 @@ class LocalServer:
             if self.ready():
                 return
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.log_tail()}")
 
     def stop(self):
-        """SIGTERM to the process group (the server and the workers it started), SIGKILL after 20 s."""
-        if self.process.poll() is None:
+        """SIGTERM to the process group (the server and the workers it started), SIGKILL after 20 s; also
+        when the server itself has died, for workers it left behind."""
+        try:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                pass
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:   # the group is gone
+            pass
+        self.process.wait()
+        self.pgid_file.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from training.files import atomic_path
+from training.files import atomic_path, write_json
 
 N_FILES, N_SEVERITIES, N_CLASSES = 19, 5, 100
 # The service is (re)starting, overloaded, or lost its model process for a moment: worth another try
@@ -137,8 +137,7 @@ class Progress:
                 shutil.rmtree(self.folder)
         if not path.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(manifest, indent=1))
+            write_json(path, manifest)
 
     def _path(self, i):
         return self.folder / f"chunk{i:06d}.npy"

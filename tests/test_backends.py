@@ -19,11 +19,11 @@ def reference(model_dir, images):
         return model(torch.from_numpy(images)).numpy()
 
 
-@pytest.mark.parametrize("kind, name, precision", [("torch", "torch", "fp32"), ("onnx", "onnx", "fp32"),
-                                                    ("auto", "onnx", "fp32")])
-def test_backend_matches_pytorch(model_dir, images, reference, kind, name, precision):
+@pytest.mark.parametrize("kind", ["torch", "onnx", "auto"])
+def test_backend_matches_pytorch(model_dir, images, reference, kind):
     backend = load_backend(kind, model_dir)
-    assert (backend.name, backend.device, backend.precision) == (name, "cpu", precision)
+    assert (backend.device, backend.precision) == ("cpu", "fp32")
+    assert backend.name == kind or kind == "auto"
     logits = backend(images)
     assert logits.dtype == np.float32 and logits.shape == (37, 100)
     np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4)
@@ -36,11 +36,26 @@ def test_large_inputs_are_chunked(model_dir, images, reference):
     np.testing.assert_allclose(backend(images), reference, atol=1e-4, rtol=1e-4)
 
 
+def test_auto_serves_the_fastest_it_measured(model_dir):
+    backend = load_backend("auto", model_dir)
+    speed = backend.auto["img_per_s"]
+    assert set(speed) == {"torch", "onnx"} and min(speed.values()) > 0
+    assert backend.name == max(speed, key=speed.get)
+    assert backend.auto["left_out"] == {"tensorrt": "no TensorRT engine in the model"}
+    assert backend.describe()["auto"] == backend.auto
+
+
 def test_auto_falls_back_to_torch_without_onnx(model_dir, tmp_path):
     (tmp_path / "checkpoint.pt").symlink_to(model_dir / "checkpoint.pt")
-    assert load_backend("auto", tmp_path).name == "torch"
+    backend = load_backend("auto", tmp_path)
+    assert backend.name == "torch" and "no model.onnx" in backend.auto["left_out"]["onnx"]
     with pytest.raises(BackendError, match="no model.onnx"):
         load_backend("onnx", tmp_path)
+
+
+def test_auto_without_any_model_file_says_why(tmp_path):
+    with pytest.raises(BackendError, match="no backend can serve .*onnx: no model.onnx"):
+        load_backend("auto", tmp_path)
 
 
 def test_tensorrt_unavailable_says_why(model_dir):

@@ -173,9 +173,12 @@ def score_in_process(capsys, *args):
     return captured.out, captured.err
 
 
+ONNX = {"CIFAR100_BACKEND": "onnx"}   # the runs are compared byte for byte with --direct --backend onnx
+
+
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server()
+    return start_server(ONNX)
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +211,10 @@ def test_service_and_direct_backend_agree_exactly(reference, ood, model_dir, tmp
     _, labels = read_csv(direct)
     np.save(tmp_path / "labels.npy", np.array(labels))
     np.save(tmp_path / "wrong.npy", (np.array(labels) + 1) % 100)
-    out, _ = score_in_process(capsys, "--direct", model_dir, "--ood-dir", ood, "--out", tmp_path / "again.csv",
+    out, _ = score_in_process(capsys, "--direct", model_dir, "--backend", "onnx", "--ood-dir", ood, "--out", tmp_path / "again.csv",
                            "--labels", tmp_path / "labels.npy")
     assert f"accuracy 1.0000 on {TOTAL} images" in out
-    out, _ = score_in_process(capsys, "--direct", model_dir, "--ood-dir", ood, "--out", tmp_path / "again.csv",
+    out, _ = score_in_process(capsys, "--direct", model_dir, "--backend", "onnx", "--ood-dir", ood, "--out", tmp_path / "again.csv",
                            "--labels", tmp_path / "wrong.npy")
     assert f"accuracy 0.0000 on {TOTAL} images" in out
 
@@ -272,7 +275,7 @@ def test_progress_of_other_inputs_is_not_reused(server, ood, tmp_path, capsys):
 def test_survives_a_server_restart(model_store, ood, reference, tmp_path):
     """Stop the service mid-run and start it again on the same port: the client retries and finishes."""
     from serving.local_server import LocalServer
-    own = LocalServer(model_store, run_dir=tmp_path / "first")
+    own = LocalServer(model_store, ONNX, run_dir=tmp_path / "first")
     out = tmp_path / "submission.csv"
     client = subprocess.Popen([sys.executable, "-m", "serving.score", "--url", own.url, "--ood-dir", str(ood),
                                "--out", str(out), "--chunk-size", "5", "--in-flight", "2", "--rate", "5",
@@ -283,7 +286,7 @@ def test_survives_a_server_restart(model_store, ood, reference, tmp_path):
         wait_for(lambda: len(chunk_files(out)) >= 3 or client.poll() is not None, 120, "the first chunks")
         own.stop()
         stopped_at = len(chunk_files(out))
-        restarted = LocalServer(model_store, run_dir=tmp_path / "again", port=own.port)   # the same port again
+        restarted = LocalServer(model_store, ONNX, run_dir=tmp_path / "again", port=own.port)   # the same port again
         stdout, stderr = client.communicate(timeout=180)
     finally:
         if client.poll() is None:

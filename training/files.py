@@ -1,5 +1,6 @@
 """Atomic file writes: a reader never sees a half-written checkpoint, CSV or plot."""
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +23,17 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path, data):
+    """Write `data` as indented JSON (non-JSON values as str) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure as PNG to `path` atomically, then close it."""
+    import matplotlib.pyplot as plt  # lazy: most importers of this module never plot
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)

@@ -1,6 +1,5 @@
 """One training loop for every recipe, on one device or under torchrun (DistributedDataParallel)."""
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .data import ImageDataset, build_transform, load_cifar100, split_train_val
-from .files import atomic_path
+from .files import save_figure, write_json
 from .models import build_classifier
 from .recipes import RECIPES, recipe_from_dict
 
@@ -148,9 +147,7 @@ def plot_curves(history, path):
     axes[2].plot(epochs, [h["lr"] for h in history], "o-")
     axes[2].set(title="learning rate", xlabel="epoch", yscale="log")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _setup_distributed(device_arg):
@@ -272,8 +269,7 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
                    "recipe": dataclasses.asdict(recipe)}
         best["metrics"].update(test_acc=test_acc, test_loss=test_loss)
         save_checkpoint(run_dir / "best.pt", best)
-        with atomic_path(run_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2))
+        write_json(run_dir / "metrics.json", metrics)
         plot_curves(history, run_dir / "curves.png")
         log.info("%s: test accuracy %.4f (best validation %.4f); wrote %s", part, test_acc,
                  progress["best_val_acc"], run_dir)
