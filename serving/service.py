@@ -256,7 +256,7 @@ class Classifier:
         out = {"class_ids": logits.argmax(axis=1).tolist()}
         if probabilities:
             out["probabilities"] = softmax(logits).tolist()
-        return out
+        return JSONResponse(out)   # as is: BentoML's own output path validates and re-serialises the dict
 
     @bentoml.api
     async def classify(self, images: list[Path]) -> dict:
@@ -277,7 +277,7 @@ class Classifier:
             top5 = [{"class_id": int(c), "class_name": classes[c], "probability": float(p[c])}
                     for c in np.argsort(-p)[:5]]
             predictions.append({**top5[0], "top5": top5, **({"note": note} if note else {})})
-        return {"predictions": predictions}
+        return JSONResponse({"predictions": predictions})
 
 
 Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES)

@@ -1,9 +1,15 @@
-"""serving/bentoml_fixes.py: the per-request timeout must not keep a finished request's state alive."""
+"""serving/bentoml_fixes.py: the per-request timeout must not keep a finished request's state alive, and
+response media types are not worked out anew for every response."""
 import asyncio
 import contextvars
 import gc
 import weakref
 
+import numpy as np
+from _bentoml_sdk import io_models
+from _bentoml_sdk.io_models import IODescriptor
+
+from serving import bentoml_fixes
 from serving.bentoml_fixes import TimeoutMiddleware
 
 BENTOML_TIMEOUT_MIDDLEWARE = TimeoutMiddleware.__bases__[0]   # BentoML's own, even after apply() replaced it
@@ -63,3 +69,16 @@ def test_a_slow_app_still_gets_504():
     alive, sent = asyncio.run(request_then_collect(TimeoutMiddleware, slow, timeout=0.05))
     assert sent[0]["status"] == 504 and b"0.05 seconds" in sent[1]["body"]
     assert cancelled and not alive
+
+
+def test_media_types_are_worked_out_once_per_class(monkeypatch):
+    def predict(self) -> np.ndarray: ...
+    spec = IODescriptor.from_output(predict)   # what BentoML makes of Model.predict's return type
+    expected = io_models.IOMixin.mime_type.__func__(spec)
+    bentoml_fixes.apply()
+    assert spec.mime_type() == expected == "application/json"
+    calls = []
+    monkeypatch.setattr(spec, "model_json_schema", classmethod(lambda cls, *a, **k: calls.append(1) or {}))
+    assert spec.mime_type() == expected and calls == []   # from the cache: no schema built per response
+    monkeypatch.setattr(spec, "media_type", "text/plain")  # a media type set later still counts
+    assert spec.mime_type() == "text/plain"
