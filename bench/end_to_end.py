@@ -30,7 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from serving.local_server import LocalServer  # noqa: E402
+from serving.local_server import LocalServer, stop_process_group  # noqa: E402
 from training.files import atomic_path, write_json  # noqa: E402
 
 N_FILES, FULL_SET = 19, 950_000
@@ -72,7 +72,7 @@ class Stages:
                 rc = proc.wait(timeout=limit)
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
-                stop_group(proc)
+                stop_process_group(proc.pid, grace=15, leader=proc)
                 status = "timed out"
             finally:
                 self.groups.discard(proc.pid)
@@ -89,42 +89,12 @@ class Stages:
 
     def stop_all(self):
         for pid in list(self.groups):
-            kill_group(pid)
+            stop_process_group(pid, grace=15)
 
 
 def tail_lines(text, n):
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     return "\n".join("   | " + ln[:300] for ln in lines[-n:])
-
-
-def kill_group(pgid, grace=15.0, leader=None):
-    """SIGTERM the process group, SIGKILL what is left after `grace` seconds (only groups we started).
-    `leader`, our Popen of the group's first process, is reaped as we go: a zombie still counts as a member."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if leader is not None:
-            leader.poll()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def stop_group(proc, grace=15.0):
-    kill_group(proc.pid, grace, leader=proc)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 # ---------------------------------------------------------------- the machine
@@ -219,7 +189,7 @@ class GpuSampler:
     def stop(self):
         if self.proc is None:
             return None
-        stop_group(self.proc, grace=3)
+        stop_process_group(self.proc.pid, grace=3, leader=self.proc)
         rows = []
         for line in Path(self.path).read_text().splitlines():
             try:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from serving.local_server import LocalServer
+from serving.local_server import LocalServer, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -88,18 +87,6 @@ def tiny_store(out):
     run([sys.executable, "-m", "export", "all", "--checkpoint", checkpoint, "--out", out / "model",
          "--name", "cifar100-classifier"], env, out / "export.log")
     return home
-
-
-def stop(process):
-    """SIGTERM to the process group (the server and the workers it started), SIGKILL after 20 s."""
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def label(proc):
@@ -227,7 +214,8 @@ def main(argv=None):
         if server.process.poll() is not None:
             sys.exit(f"error: bentoml serve exited during the run ({server.process.returncode}); see {server.log_path}")
     finally:
-        stop(locust)
+        if locust is not None:
+            stop_process_group(locust.pid, leader=locust)
         if server:
             server.stop()
     if locust.returncode not in (0, 1):

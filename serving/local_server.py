@@ -78,16 +78,24 @@ class LocalServer:
         raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.log_tail()}")
 
     def stop(self):
-        """SIGTERM to the process group (the server and the workers it started), SIGKILL after 20 s; also
-        when the server itself has died, for workers it left behind."""
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:   # the group is gone
-            pass
-        self.process.wait()
+        """The server and the workers it started (also those a dead server left behind)."""
+        stop_process_group(self.process.pid, grace=20, leader=self.process)
         self.pgid_file.unlink(missing_ok=True)
+
+
+def stop_process_group(pgid, grace=20.0, leader=None):
+    """SIGTERM the process group, SIGKILL what is left after `grace` seconds (only groups we started).
+    `leader`, our Popen of the group's first process, is reaped as we go (a zombie still counts as a member)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if leader is not None:
+                leader.poll()
+            os.killpg(pgid, 0)   # ProcessLookupError once every member is gone
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if leader is not None:
+        leader.wait()
