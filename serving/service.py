@@ -50,7 +50,11 @@ WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
 
 
-@bentoml.service(traffic={"timeout": 300}, workers=1)
+# runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
+# every 300 s) by closing the old one while other calls are still in flight on it: they fail with
+# "Server disconnected" or, rarely, hang until the traffic timeout. One local worker needs no refresh.
+@bentoml.service(traffic={"timeout": 300}, workers=1,
+                 runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
 class Model:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
@@ -190,9 +194,9 @@ class Classifier:
         try:
             return await call(*args)
         except (aiohttp.ClientConnectionError, RuntimeError) as e:
-            # BentoML's client pools connections to the Model worker, which closes them under it (idle ones
-            # after 5 s, bentoml#4971; under steady load about 1 call in 100 met a closing connection).
-            # Every Model API is idempotent: once more on a fresh connection rather than a 500.
+            # BentoML's client keeps idle connections to the Model worker for 15 s, the worker closes them
+            # after 5 s (bentoml#4971): a call can meet a connection closing under it. Every Model API is
+            # idempotent: once more on a fresh connection rather than a 500.
             if isinstance(e, RuntimeError) and "Connection closed" not in str(e):
                 raise
             log.warning("Model connection dropped (%s); retrying once", type(e).__name__)
