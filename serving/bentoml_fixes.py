@@ -1,7 +1,7 @@
 """Two fixes for BentoML 1.4.40 (pinned), applied by serving/service.py before BentoML builds its ASGI apps.
 
-1. Memory. BentoML's TimeoutMiddleware (bentoml/_internal/server/http/traffic.py) starts a timer for every request
-with `loop.call_later(traffic timeout, ...)` and never cancels it. An asyncio timer keeps a copy of the
+1. Memory. BentoML's TimeoutMiddleware (bentoml/_internal/server/http/traffic.py) starts a timer for every
+request with `loop.call_later(traffic timeout, ...)` and never cancels it. An asyncio timer keeps a copy of the
 request's contextvars, and with them the request's headers, response context, tracing spans and
 background tasks, until it fires: about 15 KB × requests/s × the timeout (300 s here) of memory. Measured
 with bench/soak.py: +130 MB over the first 5 minutes at 20 requests/s, then flat once the first timers

@@ -52,7 +52,8 @@ WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its
 
 # runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
 # every 300 s) by closing the old one while other calls are still in flight on it: they fail with
-# "Server disconnected" or, rarely, hang until the traffic timeout. One local worker needs no refresh.
+# "Server disconnected" (and once, probably the same cause, one hung until the traffic timeout). One local
+# worker needs no refresh.
 @bentoml.service(traffic={"timeout": 300}, workers=1,
                  runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
 class Model:
