@@ -286,9 +286,15 @@ def table(s):
             rows.append((f"raw {r['backend']} {r['device']} {r['precision']} b1", f"{r['ms_per_batch']:.2f} ms", ""))
     for name, reason in s["missing_backends"].items():
         rows.append((f"raw {name}", "not measured", reason))
-    if auto := s.get("service_info", {}).get("auto"):
-        rows.append(("service backend (auto)", s["service_info"]["backend"],
+    info = s.get("service_info", {})
+    if auto := info.get("auto"):
+        rows.append(("service backend (auto)", info["backend"],
                      ", ".join(f"{k} {v:,} img/s" for k, v in auto["img_per_s"].items()) + f" at batch {auto['batch']}"))
+    if warmup := info.get("warmup_seconds"):
+        rows.append(("service torch.compile warm-up", f"{sum(warmup.values()):.0f} s",
+                     ", ".join(f"b{k} {v} s" for k, v in warmup.items())))
+    if error := info.get("compile_error"):
+        rows.append(("service torch.compile", "failed: serves eager", error[:120]))
     full = s["config"]["full_set"]
     for key, label in (("score_service", "service scoring"), ("score_direct", "direct scoring (no service)")):
         r = s.get(key)
@@ -345,7 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default=env("BACKEND", "auto"), help="the service's CIFAR100_BACKEND")
     p.add_argument("--chunk-size", type=int, default=int(env("CHUNK_SIZE", 4096)))
     p.add_argument("--in-flight", type=int, default=int(env("IN_FLIGHT", 8)))
-    p.add_argument("--batch-sizes", default=env("BATCH_SIZES", "1,256"), help="for bench/backends.py")
+    p.add_argument("--batch-sizes", default=env("BATCH_SIZES", "1,100,256"),
+                   help="for bench/backends.py (100: the served torch backend pads it to its 128 bucket)")
     p.add_argument("--locust-seconds", type=int, default=int(env("LOCUST_SECONDS", 15)))
     p.add_argument("--keep-data", action="store_true", default=env("KEEP_DATA") == "1",
                    help="keep the OOD set in WORK/ood (deleted at the end otherwise)")
@@ -393,7 +400,7 @@ def main(argv=None):
             raise RuntimeError("export did not produce a model store entry; see the export log above")
 
         bench = [sys.executable, "bench/backends.py", "--model-dir", entry, "--batch-sizes", a.batch_sizes,
-                 "--iters", 30, "--max-seconds", 3, "--json", out / "backends.json"] + (["--compile"] if cuda else [])
+                 "--iters", 30, "--max-seconds", 3, "--json", out / "backends.json"]
         status, text = stages.run("bench", bench, cap=200, reserve=0.55 * stages.left())
         s["raw"] = bench_rows(text)
         m = s["machine"]

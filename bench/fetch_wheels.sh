@@ -18,7 +18,7 @@ REQUIRED=(
   opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
   opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser pydantic pydantic-core
   python-json-logger python-multipart pyzmq rich-toolkit schema simple-di starlette tomli-w tornado
-  typing-inspection tzdata uvicorn watchfiles wsproto
+  typing-inspection tzdata uvicorn uvloop httptools watchfiles wsproto
   locust flask flask-cors flask-login itsdangerous blinker configargparse gevent geventhttpclient greenlet
   brotli bidict python-engineio python-socketio simple-websocket websocket-client zope-event zope-interface
 )

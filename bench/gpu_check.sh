@@ -12,7 +12,7 @@
 # Results: $OUT (default build/gpu_check): summary.json, table.txt, log.txt, backends.json, console.txt.
 # Environment: OUT, WORK (scratch, wiped; /tmp/gpu_check), IMAGES, RESOLUTION, BUDGET (seconds for the
 # stages, 480), BACKEND (the service's, auto), CHUNK_SIZE, IN_FLIGHT, BATCH_SIZES, LOCUST_SECONDS, LOCUST_USERS,
-# KEEP_DATA=1 (keep the OOD set), CIFAR100_* (passed to the service, e.g. CIFAR100_TORCH_COMPILE=1).
+# KEEP_DATA=1 (keep the OOD set), CIFAR100_* (passed to the service, e.g. CIFAR100_TORCH_COMPILE=0 for eager).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-build/gpu_check} WORK=${WORK:-/tmp/gpu_check} BUDGET=${BUDGET:-480}

@@ -53,10 +53,11 @@ def model_dir():
 
 
 def raw_backend(backend, images, calls):
-    start = time.perf_counter()
+    """(img/s, CPU ms per call) of the backend called in this process."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         backend(images)
-    return calls * len(images) / (time.perf_counter() - start)
+    return calls * len(images) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / calls
 
 
 def multipart(field, filename, data, boundary="cifar100-bench-boundary"):
@@ -85,10 +86,19 @@ def service_batch(url, npy_bytes, requests_n, in_flight, batch):
 
 
 def server_cpu_seconds(server):
-    """User + system CPU time of the server's processes (the front, the Model, the arbiter) so far."""
-    procs = [psutil.Process(server.process.pid)]
-    procs += procs[0].children(recursive=True)
-    return sum(sum(p.cpu_times()[:2]) for p in procs)
+    """User + system CPU time so far of the server's processes by role: {"front", "model", "arbiter"}."""
+    arbiter = psutil.Process(server.process.pid)
+    seconds = {"front": 0.0, "model": 0.0, "arbiter": sum(arbiter.cpu_times()[:2])}
+    for p in arbiter.children(recursive=True):
+        role = "model" if "Model" in p.cmdline() else "front"   # workers run with --service-name <name>
+        seconds[role] += sum(p.cpu_times()[:2])
+    return seconds
+
+
+def cpu_ms_since(server, before, requests_n):
+    """Server CPU ms per request by role since `before` (a server_cpu_seconds result)."""
+    now = server_cpu_seconds(server)
+    return {role: round(1000 * (now[role] - before[role]) / requests_n, 2) for role in now}
 
 
 def classify_latency(url, n):
@@ -123,11 +133,16 @@ def main(argv=None):
         cpu = server_cpu_seconds(server)
         p50, p95 = classify_latency(url, args.classify_requests)
         # CPU per request is steadier than latency on a shared machine: it measures the work, not the wait.
-        cpu_ms = 1000 * (server_cpu_seconds(server) - cpu) / (args.classify_requests + 10)
-        raws, serveds = [], []
+        classify_cpu = cpu_ms_since(server, cpu, args.classify_requests + 10)
+        raws, serveds, raw_cpu = [], [], []
+        cpu = server_cpu_seconds(server)
         for _ in range(args.rounds):
-            raws.append(raw_backend(backend, images, args.requests))
+            img_per_s, cpu_ms = raw_backend(backend, images, args.requests)
+            raws.append(img_per_s)
+            raw_cpu.append(cpu_ms)
             serveds.append(service_batch(url, buffer.getvalue(), args.requests, args.in_flight, args.batch))
+        batch_cpu = cpu_ms_since(server, cpu, args.rounds * (args.requests + 1))
+        raw_cpu_ms = float(np.median(raw_cpu))
         # Rounds alternate, so each (raw, served) pair saw about the same background load: the median of the
         # per-round ratios is the overhead; throughputs are medians too.
         raw, served = float(np.median(raws)), float(np.median(serveds))
@@ -141,13 +156,16 @@ def main(argv=None):
               "rounds": {"raw": [round(x) for x in raws], "served": [round(x) for x in serveds]}, "service_classify_batch_img_per_s": round(served),
               "service_overhead_pct": round(overhead, 1),
               "classify_p50_ms": round(p50, 2), "classify_p95_ms": round(p95, 2),
-              "classify_server_cpu_ms_per_request": round(cpu_ms, 2),
+              "classify_server_cpu_ms_per_request": classify_cpu,
+              "raw_backend_cpu_ms_per_call": round(raw_cpu_ms, 1), "classify_batch_server_cpu_ms_per_request": batch_cpu,
               "classify_p50_ms_after_bulk": round(p50_after, 2), "model_stats": stats}
     rows = [("raw backend (batch %d, median)" % args.batch, f"{raw:,.0f} img/s"),
             (f"/classify_batch ({args.batch}/request, {args.in_flight} in flight, median)", f"{served:,.0f} img/s"),
             ("service overhead (median of per-round raw/served - 1)", f"{result['service_overhead_pct']}% (target < 25%)"),
             ("/classify one 32×32 PNG, concurrency 1", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms (target p50 < 20 ms)"),
-            ("/classify server CPU time per request", f"{cpu_ms:.1f} ms (front + Model)"),
+            ("raw backend CPU time per call", f"{raw_cpu_ms:.0f} ms"),
+            ("/classify_batch server CPU time per request", f"front {batch_cpu['front']:.0f} ms, Model {batch_cpu['model']:.0f} ms"),
+            ("/classify server CPU time per request", f"front {classify_cpu['front']:.1f} ms, Model {classify_cpu['model']:.1f} ms"),
             ("/classify p50 again, after the bulk phase", f"{p50_after:.1f} ms")]
     print(f"\n{tag} on {described['backend']} ({described['device']}, {described['precision']}), {result['machine']}")
     for name, value in rows:

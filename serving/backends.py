@@ -1,18 +1,18 @@
 """Inference backends behind one interface: uint8 images N×32×32×3 (NHWC, RGB) in, float32 logits N×100 out.
 
 `load_backend(kind, model_dir)` reads the files of a `cifar100-classifier` store entry (contract #1):
-  torch     checkpoint.pt; on a GPU fp16 + channels_last, through preallocated pinned host buffers with
-            asynchronous copies (optionally torch.compile'd with CUDA graphs for fixed batch buckets:
-            CIFAR100_TORCH_COMPILE=1); on the CPU fp32
+  torch     checkpoint.pt; on a GPU fp16 + channels_last, torch.compile'd with one CUDA graph per batch bucket
+            (compiled at load; CIFAR100_TORCH_COMPILE=0: eager), through preallocated pinned host buffers with
+            asynchronous copies, all on one thread; on the CPU fp32 eager
   onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime with I/O binding, CUDA EP on a GPU
   tensorrt  model.engine through export.tensorrt.TensorRTRunner, only when the engine was built for this GPU
   auto      every one of them that can run on this machine's device, timed on the same batch after warm-up;
             the fastest serves (describe() shows the measured img/s and why the others were left out)
 """
+import concurrent.futures
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -67,6 +67,9 @@ class Backend:
 
 class TorchBackend(Backend):
     name = "torch"
+    # On a GPU with torch.compile: calls are padded up to a power of two from 2 to 256 (larger inputs are
+    # chunked), one CUDA graph per bucket. 2, not 1: torch.compile specialises a batch of 1 (one more compile).
+    BUCKETS = [2 << i for i in range(8)]
 
     def __init__(self, model_dir, device=None, compile=None):
         import torch
@@ -75,47 +78,78 @@ class TorchBackend(Backend):
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_classifier(Path(model_dir) / "checkpoint.pt", self.device)
-        if self.device.startswith("cuda"):
-            # fp16 tensor cores; Preprocess's NHWC->NCHW permute already yields channels_last memory.
-            model = model.half().to(memory_format=torch.channels_last)
-            self.precision = "fp16"
-        else:
+        self.buckets, self.warmup_seconds = None, {}
+        if not self.device.startswith("cuda"):
             torch.set_num_threads(cpu_threads())
-            self.precision = "fp32"
-        compile = os.environ.get("CIFAR100_TORCH_COMPILE", "0") == "1" if compile is None else compile
-        self.buckets = None
-        if compile and self.device.startswith("cuda"):
-            # CUDA graphs need fixed shapes: pad every batch up to a power-of-two bucket.
-            model = torch.compile(model, mode="reduce-overhead", dynamic=False)
-            self.precision += "+cudagraphs"
-        if self.device.startswith("cuda"):
-            # Buffers made once: pinned host memory makes both copies asynchronous DMA. A bucket's padding rows
-            # are whatever the last call left in the input buffer: in eval mode each image's logits are its own.
-            self.max_batch = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
-            if compile:
-                self.buckets = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch]
-            self.host_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8).pin_memory()
-            self.host_out = torch.empty((self.max_batch, NUM_CLASSES), dtype=torch.float32).pin_memory()
-            self.device_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8, device=self.device)
-            self.lock = threading.Lock()   # the buffers serve one call at a time
-        self.model = model
+            self.model, self.precision = model, "fp32"
+            return
+        # fp16 tensor cores; Preprocess's NHWC->NCHW permute already yields channels_last memory.
+        self.model = self.eager = model.half().to(memory_format=torch.channels_last)
+        self.precision = "fp16"
+        self.max_batch = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
+        if compile is None:
+            compile = os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
+        if compile:
+            # reduce-overhead: Inductor kernels replayed as CUDA graphs, one per bucket. The batch dimension
+            # is marked dynamic, so Dynamo compiles two graphs (convolutions guard on batch >= 16), not one
+            # per bucket (8 static compiles of ~22 s each, and its recompile limit is 8).
+            self.model = torch.compile(self.eager, mode="reduce-overhead")
+            self.buckets, self.max_batch = self.BUCKETS, self.BUCKETS[-1]
+            self.precision = "fp16+compile"
+        # Buffers made once: pinned host memory makes both copies asynchronous DMA. A bucket's padding rows
+        # are whatever the last call left in the input buffer: in eval mode each image's logits are its own.
+        self.host_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8).pin_memory()
+        self.host_out = torch.empty((self.max_batch, NUM_CLASSES), dtype=torch.float32).pin_memory()
+        self.device_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8, device=self.device)
+        # All GPU work on one thread: the buffers serve one call at a time, and torch.compile's CUDA graphs
+        # belong to the thread that recorded them (a call from another of BentoML's threads would record
+        # them again, in another memory pool).
+        self.cuda_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cuda")
+        if self.buckets:
+            self.warmup()   # compiled now, in bucket order: a compiled backend is ready when it exists
 
     def run(self, images):
-        torch, n = self.torch, len(images)
         if not self.device.startswith("cuda"):
-            with torch.inference_mode():
-                return self.model(torch.from_numpy(images)).numpy()
-        with self.lock, torch.inference_mode():
+            with self.torch.inference_mode():
+                return self.model(self.torch.from_numpy(images)).numpy()
+        return self.cuda_thread.submit(self.run_on_gpu, images).result()
+
+    def run_on_gpu(self, images):
+        torch, n = self.torch, len(images)
+        with torch.inference_mode():
             np.copyto(self.host_in[:n].numpy(), images)
             self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
             rows = next(b for b in self.buckets if b >= n) if self.buckets else n
-            logits = self.model(self.device_in[:rows])
+            batch = self.device_in[:rows]
+            if self.buckets:
+                torch._dynamo.maybe_mark_dynamic(batch, 0)
+            logits = self.model(batch)
             self.host_out[:n].copy_(logits[:n].float(), non_blocking=True)
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
             return self.host_out[:n].numpy().copy()
 
     def warmup(self, sizes=(1, 64)):
-        super().warmup(self.buckets or sizes)
+        if not self.buckets:
+            return super().warmup(sizes)
+        for bucket in reversed(self.buckets):
+            if bucket in self.warmup_seconds:
+                continue
+            start = time.perf_counter()
+            try:
+                super().warmup([bucket] * 3)   # CUDA graph trees: warm-up run, recording, first replay
+            except Exception as e:   # Triton/Inductor trouble on this machine: serve eager rather than nothing
+                log.exception("torch.compile failed on a batch of %d; serving eager fp16", bucket)
+                self.model, self.buckets, self.precision = self.eager, None, "fp16"
+                self.compile_error = f"{type(e).__name__}: {e}"
+                return
+            self.warmup_seconds[bucket] = round(time.perf_counter() - start, 1)
+            log.info("torch.compile: batch %d ready in %.1f s", bucket, self.warmup_seconds[bucket])
+
+    def describe(self):
+        extra = {"buckets": self.buckets, "warmup_seconds": self.warmup_seconds} if self.warmup_seconds else {}
+        if hasattr(self, "compile_error"):
+            extra["compile_error"] = self.compile_error
+        return {**super().describe(), **extra}
 
 
 class OnnxBackend(Backend):

@@ -69,3 +69,23 @@ def test_bad_kind_and_bad_input(model_dir):
     backend = load_backend("onnx", model_dir)
     with pytest.raises(BackendError, match="expected uint8 N×32×32×3"):
         backend(np.zeros((2, 32, 32, 3), np.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path of the torch backend needs a CUDA GPU")
+def test_torch_on_a_gpu_compiles_a_few_graphs_at_load_and_none_after(model_dir, reference, images):
+    import concurrent.futures
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    backend = load_backend("torch", model_dir)
+    assert backend.precision == "fp16+compile" and backend.max_batch == 256, backend.describe()
+    assert sorted(backend.describe()["warmup_seconds"]) == backend.buckets
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before <= 3, f"{graphs - before} graphs compiled for {len(backend.buckets)} buckets"
+    odd = np.concatenate([images] * 20)[:700]   # 256 + 256 + 188 (padded to 256): chunks and padding
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:   # as BentoML calls it: from several threads
+        outputs = list(pool.map(lambda n: backend(odd[:n]), [1, 3, 37, 129, 700]))
+    assert counters["stats"]["unique_graphs"] == graphs, "a call after warm-up compiled again"
+    expected = np.concatenate([reference] * 20)[:700]
+    for logits in outputs:   # fp16 against the fp32 reference
+        np.testing.assert_allclose(logits, expected[:len(logits)], atol=0.05, rtol=0.05)
