@@ -67,8 +67,8 @@ class Backend:
 
 class TorchBackend(Backend):
     name = "torch"
-    # On a GPU with torch.compile: calls are padded up to a power of two from 2 to 256 (larger inputs are
-    # chunked), one CUDA graph per bucket. 2, not 1: torch.compile specialises a batch of 1 (one more compile).
+    # On a GPU with torch.compile: calls are cut into chunks of 256, each padded up to a power of two from 2,
+    # one CUDA graph per bucket. 2, not 1: torch.compile specialises a batch of 1 (one more compile).
     BUCKETS = [2 << i for i in range(8)]
 
     def __init__(self, model_dir, device=None, compile=None):
@@ -86,7 +86,7 @@ class TorchBackend(Backend):
         # fp16 tensor cores; Preprocess's NHWC->NCHW permute already yields channels_last memory.
         self.model = self.eager = model.half().to(memory_format=torch.channels_last)
         self.precision = "fp16"
-        self.max_batch = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
+        self.chunk = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))   # images per model call
         if compile is None:
             compile = os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
         if compile:
@@ -94,19 +94,28 @@ class TorchBackend(Backend):
             # is marked dynamic, so Dynamo compiles two graphs (convolutions guard on batch >= 16), not one
             # per bucket (8 static compiles of ~22 s each, and its recompile limit is 8).
             self.model = torch.compile(self.eager, mode="reduce-overhead")
-            self.buckets, self.max_batch = self.BUCKETS, self.BUCKETS[-1]
+            self.buckets, self.chunk = self.BUCKETS, self.BUCKETS[-1]
             self.precision = "fp16+compile"
-        # Buffers made once: pinned host memory makes both copies asynchronous DMA. A bucket's padding rows
-        # are whatever the last call left in the input buffer: in eval mode each image's logits are its own.
-        self.host_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8).pin_memory()
-        self.host_out = torch.empty((self.max_batch, NUM_CLASSES), dtype=torch.float32).pin_memory()
-        self.device_in = torch.empty((self.max_batch, 32, 32, 3), dtype=torch.uint8, device=self.device)
+        self.capacity = 0
+        self.reserve(self.chunk)
         # All GPU work on one thread: the buffers serve one call at a time, and torch.compile's CUDA graphs
         # belong to the thread that recorded them (a call from another of BentoML's threads would record
         # them again, in another memory pool).
         self.cuda_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cuda")
         if self.buckets:
             self.warmup()   # compiled now, in bucket order: a compiled backend is ready when it exists
+
+    def reserve(self, n):
+        """Buffers for n images, made once per size (whole chunks): pinned host memory makes both copies
+        asynchronous DMA. Padding rows are whatever an earlier call left: in eval mode each image's logits
+        are its own."""
+        rows = -(-n // self.chunk) * self.chunk
+        if rows > self.capacity:
+            torch = self.torch
+            self.host_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8).pin_memory()
+            self.host_out = torch.empty((rows, NUM_CLASSES), dtype=torch.float32).pin_memory()
+            self.device_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8, device=self.device)
+            self.capacity = rows
 
     def run(self, images):
         if not self.device.startswith("cuda"):
@@ -115,18 +124,24 @@ class TorchBackend(Backend):
         return self.cuda_thread.submit(self.run_on_gpu, images).result()
 
     def run_on_gpu(self, images):
+        """One copy in, the chunks queued back to back, one copy out per chunk, one wait for the GPU."""
         torch, n = self.torch, len(images)
+        self.reserve(n)
         with torch.inference_mode():
             np.copyto(self.host_in[:n].numpy(), images)
             self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
-            rows = next(b for b in self.buckets if b >= n) if self.buckets else n
-            batch = self.device_in[:rows]
-            if self.buckets:
-                torch._dynamo.maybe_mark_dynamic(batch, 0)
-            logits = self.model(batch)
-            self.host_out[:n].copy_(logits[:n].float(), non_blocking=True)
+            for start in range(0, n, self.chunk):
+                self.run_chunk(start, min(self.chunk, n - start))
             torch.cuda.current_stream(self.device).synchronize()
-            return self.host_out[:n].numpy().copy()
+        return self.host_out[:n].numpy().copy()
+
+    def run_chunk(self, start, rows):
+        bucket = next(b for b in self.buckets if b >= rows) if self.buckets else rows
+        batch = self.device_in[start:start + bucket]
+        if self.buckets:
+            self.torch._dynamo.maybe_mark_dynamic(batch, 0)
+        # The copy is queued on the stream before the next chunk's graph replays over these logits.
+        self.host_out[start:start + rows].copy_(self.model(batch)[:rows].float(), non_blocking=True)
 
     def warmup(self, sizes=(1, 64)):
         if not self.buckets:
@@ -147,6 +162,8 @@ class TorchBackend(Backend):
 
     def describe(self):
         extra = {"buckets": self.buckets, "warmup_seconds": self.warmup_seconds} if self.warmup_seconds else {}
+        if self.device.startswith("cuda"):
+            extra["images_per_model_call"] = self.chunk
         if hasattr(self, "compile_error"):
             extra["compile_error"] = self.compile_error
         return {**super().describe(), **extra}

@@ -78,7 +78,7 @@ def test_torch_on_a_gpu_compiles_a_few_graphs_at_load_and_none_after(model_dir, 
 
     before = counters["stats"]["unique_graphs"]
     backend = load_backend("torch", model_dir)
-    assert backend.precision == "fp16+compile" and backend.max_batch == 256, backend.describe()
+    assert backend.precision == "fp16+compile" and backend.chunk == 256, backend.describe()
     assert sorted(backend.describe()["warmup_seconds"]) == backend.buckets
     graphs = counters["stats"]["unique_graphs"]
     assert graphs - before <= 3, f"{graphs - before} graphs compiled for {len(backend.buckets)} buckets"
