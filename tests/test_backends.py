@@ -1,9 +1,11 @@
 """The backends of serving/backends.py against the PyTorch model they were exported from (CPU here)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from serving.backends import BackendError, load_backend
+from serving.backends import BackendError, TorchBackend, load_backend
 from training.checkpoint import load_classifier
 
 
@@ -89,3 +91,19 @@ def test_torch_on_a_gpu_compiles_a_few_graphs_at_load_and_none_after(model_dir, 
     expected = np.concatenate([reference] * 20)[:700]
     for logits in outputs:   # fp16 against the fp32 reference
         np.testing.assert_allclose(logits, expected[:len(logits)], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("buckets, chunk", [(TorchBackend.BUCKETS, 256), (None, 1024)], ids=["compiled", "eager"])
+def test_torch_gpu_call_path_chunks_and_pads_right(model_dir, monkeypatch, buckets, chunk):
+    """The GPU call path (buffers, chunks, padded buckets) on the CPU: only pinning and the stream wait,
+    which need CUDA, are stubbed; the model is the eager one (a CUDA test above covers the compiled one)."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(synchronize=lambda: None))
+    backend = TorchBackend(model_dir, device="cpu")
+    backend.buckets, backend.chunk, backend.capacity = buckets, chunk, 0
+    for n in (1, 3, 255, 257, 1500):
+        images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            expected = backend.model(torch.from_numpy(images)).numpy()
+        np.testing.assert_allclose(backend.run_on_gpu(images), expected, atol=1e-5)
+    assert backend.capacity == -(-1500 // chunk) * chunk
