@@ -78,31 +78,35 @@ class TorchBackend(Backend):
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_classifier(Path(model_dir) / "checkpoint.pt", self.device)
-        self.buckets, self.warmup_seconds = None, {}
+        self.buckets, self.warmup_seconds, self.calls = None, {}, None
         if not self.device.startswith("cuda"):
             torch.set_num_threads(cpu_threads())
             self.model, self.precision = model, "fp32"
             return
         # fp16 tensor cores; Preprocess's NHWC->NCHW permute already yields channels_last memory.
-        self.model = self.eager = model.half().to(memory_format=torch.channels_last)
-        self.precision = "fp16"
-        self.chunk = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))   # images per model call
+        self.model = model.half().to(memory_format=torch.channels_last)
         if compile is None:
             compile = os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
+        self.precision = "fp16+compile" if compile else "fp16"
+        self.prepare_calls(compile)
+
+    def prepare_calls(self, compile):
+        """How a GPU is served (the CPU runs it too, for the tests): preallocated buffers, chunks, all calls
+        on one thread; with `compile`, torch.compile'd and warmed up bucket by bucket here."""
+        self.eager, self.chunk = self.model, int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
         if compile:
             # reduce-overhead: Inductor kernels replayed as CUDA graphs, one per bucket. The batch dimension
             # is marked dynamic, so Dynamo compiles two graphs (convolutions guard on batch >= 16), not one
             # per bucket (8 static compiles of ~22 s each, and its recompile limit is 8).
-            self.model = torch.compile(self.eager, mode="reduce-overhead")
+            self.model = self.torch.compile(self.eager, mode="reduce-overhead")
             self.buckets, self.chunk = self.BUCKETS, self.BUCKETS[-1]
-            self.precision = "fp16+compile"
         self.capacity = 0
         self.reserve(self.chunk)
-        # All GPU work on one thread: the buffers serve one call at a time, and torch.compile's CUDA graphs
-        # belong to the thread that recorded them (a call from another of BentoML's threads would record
-        # them again, in another memory pool).
-        self.cuda_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cuda")
-        if self.buckets:
+        # One thread: the buffers serve one call at a time, and torch.compile's CUDA graphs belong to the
+        # thread that recorded them (a call from another of BentoML's threads would record them again, in
+        # another memory pool).
+        self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        if compile:
             self.warmup()   # compiled now, in bucket order: a compiled backend is ready when it exists
 
     def reserve(self, n):
@@ -111,19 +115,19 @@ class TorchBackend(Backend):
         are its own."""
         rows = -(-n // self.chunk) * self.chunk
         if rows > self.capacity:
-            torch = self.torch
-            self.host_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8).pin_memory()
-            self.host_out = torch.empty((rows, NUM_CLASSES), dtype=torch.float32).pin_memory()
+            torch, pinned = self.torch, self.device.startswith("cuda")
+            self.host_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8, pin_memory=pinned)
+            self.host_out = torch.empty((rows, NUM_CLASSES), dtype=torch.float32, pin_memory=pinned)
             self.device_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8, device=self.device)
             self.capacity = rows
 
     def run(self, images):
-        if not self.device.startswith("cuda"):
+        if self.calls is None:   # the CPU as served: eager, from whichever thread calls
             with self.torch.inference_mode():
                 return self.model(self.torch.from_numpy(images)).numpy()
-        return self.cuda_thread.submit(self.run_on_gpu, images).result()
+        return self.calls.submit(self.run_in_chunks, images).result()
 
-    def run_on_gpu(self, images):
+    def run_in_chunks(self, images):
         """One copy in, the chunks queued back to back, one copy out per chunk, one wait for the GPU."""
         torch, n = self.torch, len(images)
         self.reserve(n)
@@ -132,7 +136,8 @@ class TorchBackend(Backend):
             self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
             for start in range(0, n, self.chunk):
                 self.run_chunk(start, min(self.chunk, n - start))
-            torch.cuda.current_stream(self.device).synchronize()
+            if self.device.startswith("cuda"):
+                torch.cuda.current_stream(self.device).synchronize()
         return self.host_out[:n].numpy().copy()
 
     def run_chunk(self, start, rows):
@@ -153,8 +158,9 @@ class TorchBackend(Backend):
             try:
                 super().warmup([bucket] * 3)   # CUDA graph trees: warm-up run, recording, first replay
             except Exception as e:   # Triton/Inductor trouble on this machine: serve eager rather than nothing
-                log.exception("torch.compile failed on a batch of %d; serving eager fp16", bucket)
-                self.model, self.buckets, self.precision = self.eager, None, "fp16"
+                log.exception("torch.compile failed on a batch of %d; serving the eager model", bucket)
+                self.model, self.buckets = self.eager, None
+                self.precision = self.precision.removesuffix("+compile")
                 self.compile_error = f"{type(e).__name__}: {e}"
                 return
             self.warmup_seconds[bucket] = round(time.perf_counter() - start, 1)
@@ -162,7 +168,7 @@ class TorchBackend(Backend):
 
     def describe(self):
         extra = {"buckets": self.buckets, "warmup_seconds": self.warmup_seconds} if self.warmup_seconds else {}
-        if self.device.startswith("cuda"):
+        if self.calls is not None:
             extra["images_per_model_call"] = self.chunk
         if hasattr(self, "compile_error"):
             extra["compile_error"] = self.compile_error

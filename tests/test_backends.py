@@ -1,6 +1,4 @@
 """The backends of serving/backends.py against the PyTorch model they were exported from (CPU here)."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -73,37 +71,35 @@ def test_bad_kind_and_bad_input(model_dir):
         backend(np.zeros((2, 32, 32, 3), np.float32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path of the torch backend needs a CUDA GPU")
-def test_torch_on_a_gpu_compiles_a_few_graphs_at_load_and_none_after(model_dir, reference, images):
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, CUDA graphs, fp16)")
+
+
+@pytest.mark.parametrize("device, compile", [("cpu", True), ("cpu", False), pytest.param("cuda", True, marks=NO_GPU)],
+                         ids=["cpu-compiled", "cpu-eager", "cuda-compiled"])
+def test_torch_gpu_call_path(model_dir, reference, images, device, compile):
+    """How a GPU is served (one thread, buffers, chunks, padded buckets, torch.compile with a dynamic batch
+    dimension); the CPU runs the same path, without pinned memory and CUDA graphs."""
     import concurrent.futures
     from torch._dynamo.utils import counters
 
     before = counters["stats"]["unique_graphs"]
-    backend = load_backend("torch", model_dir)
-    assert backend.precision == "fp16+compile" and backend.chunk == 256, backend.describe()
-    assert sorted(backend.describe()["warmup_seconds"]) == backend.buckets
+    if device == "cuda":
+        backend = load_backend("torch", model_dir)   # as served: compiled and warmed up at load
+        assert backend.precision == "fp16+compile", backend.describe()
+    else:
+        backend = TorchBackend(model_dir, device="cpu")
+        backend.prepare_calls(compile)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs - before <= 3, f"{graphs - before} graphs compiled for {len(backend.buckets)} buckets"
-    odd = np.concatenate([images] * 20)[:700]   # 256 + 256 + 188 (padded to 256): chunks and padding
+    if compile:
+        assert backend.chunk == 256 and sorted(backend.warmup_seconds) == backend.buckets, backend.describe()
+        assert 1 <= graphs - before <= 2, f"{graphs - before} graphs compiled for {len(backend.buckets)} buckets"
+    odd = np.concatenate([images] * 50)[:1500]
+    expected = np.concatenate([reference] * 50)[:1500]
+    sizes = [1, 3, 37, 255, 257, 1500]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:   # as BentoML calls it: from several threads
-        outputs = list(pool.map(lambda n: backend(odd[:n]), [1, 3, 37, 129, 700]))
+        outputs = list(pool.map(lambda n: backend(odd[:n]), sizes))
     assert counters["stats"]["unique_graphs"] == graphs, "a call after warm-up compiled again"
-    expected = np.concatenate([reference] * 20)[:700]
-    for logits in outputs:   # fp16 against the fp32 reference
-        np.testing.assert_allclose(logits, expected[:len(logits)], atol=0.05, rtol=0.05)
-
-
-@pytest.mark.parametrize("buckets, chunk", [(TorchBackend.BUCKETS, 256), (None, 1024)], ids=["compiled", "eager"])
-def test_torch_gpu_call_path_chunks_and_pads_right(model_dir, monkeypatch, buckets, chunk):
-    """The GPU call path (buffers, chunks, padded buckets) on the CPU: only pinning and the stream wait,
-    which need CUDA, are stubbed; the model is the eager one (a CUDA test above covers the compiled one)."""
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(synchronize=lambda: None))
-    backend = TorchBackend(model_dir, device="cpu")
-    backend.buckets, backend.chunk, backend.capacity = buckets, chunk, 0
-    for n in (1, 3, 255, 257, 1500):
-        images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        with torch.inference_mode():
-            expected = backend.model(torch.from_numpy(images)).numpy()
-        np.testing.assert_allclose(backend.run_on_gpu(images), expected, atol=1e-5)
-    assert backend.capacity == -(-1500 // chunk) * chunk
+    tolerance = 0.05 if device == "cuda" else 1e-4   # fp16 on the GPU
+    for n, logits in zip(sizes, outputs):
+        np.testing.assert_allclose(logits, expected[:n], atol=tolerance, rtol=tolerance)
+    assert backend.capacity == -(-1500 // backend.chunk) * backend.chunk
