@@ -100,6 +100,8 @@ class TorchBackend(Backend):
             # per bucket (8 static compiles of ~22 s each, and its recompile limit is 8).
             self.model = self.torch.compile(self.eager, mode="reduce-overhead")
             self.buckets, self.chunk = self.BUCKETS, self.BUCKETS[-1]
+            # A few fixed shapes: cuDNN may time its convolution algorithms once per shape (at warm-up).
+            self.torch.backends.cudnn.benchmark = True
         self.capacity = 0
         self.reserve(self.chunk)
         # One thread: the buffers serve one call at a time, and torch.compile's CUDA graphs belong to the

@@ -58,8 +58,9 @@ WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its
 # runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
 # every 300 s) by closing the old one while other calls are still in flight on it: they fail with
 # "Server disconnected" (and once, probably the same cause, one hung until the traffic timeout). One local
-# worker needs no refresh.
-@bentoml.service(traffic={"timeout": 300}, workers=1,
+# worker needs no refresh. No access log: the front logs each request; a second line per internal call
+# doubled the log and cost this process 5-8% of its CPU per /classify.
+@bentoml.service(traffic={"timeout": 300}, workers=1, logging={"access": {"enabled": False}},
                  runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
 class Model:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
