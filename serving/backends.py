@@ -162,6 +162,7 @@ class TorchBackend(Backend):
             except Exception as e:   # Triton/Inductor trouble on this machine: serve eager rather than nothing
                 log.exception("torch.compile failed on a batch of %d; serving the eager model", bucket)
                 self.model, self.buckets = self.eager, None
+                self.torch.backends.cudnn.benchmark = False   # any batch size again: no timing per shape
                 self.precision = self.precision.removesuffix("+compile")
                 self.compile_error = f"{type(e).__name__}: {e}"
                 return

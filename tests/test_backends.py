@@ -103,3 +103,14 @@ def test_torch_gpu_call_path(model_dir, reference, images, device, compile):
     for n, logits in zip(sizes, outputs):
         np.testing.assert_allclose(logits, expected[:n], atol=tolerance, rtol=tolerance)
     assert backend.capacity == -(-1500 // backend.chunk) * backend.chunk
+
+
+def test_torch_compile_failure_serves_the_eager_model(model_dir, reference, images, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: broken)
+    backend = TorchBackend(model_dir, device="cpu")
+    backend.prepare_calls(compile=True)
+    assert backend.buckets is None and not torch.backends.cudnn.benchmark
+    assert backend.describe()["compile_error"] == "RuntimeError: no working C++ compiler"
+    np.testing.assert_allclose(backend(images), reference, atol=1e-4, rtol=1e-4)
