@@ -124,7 +124,7 @@ torch-eager      cuda   fp32                    1       3.10        323    50  0
 torch-eager      cuda   fp32                  256      34.00       7529    30  2.10e-05  100.0
 torch-eager      cuda   fp16+channels_last    256      15.30      16732    30  1.20e-02   99.6
 2026-11-27 06:56:44,920 INFO bench: skipping TensorRT: no engine (python -m export tensorrt)
-served-torch     cuda   fp16                  256      15.00      17067    30  1.20e-02   99.6
+served-torch     cuda   fp16+compile          256      15.00      17067    30  1.20e-02   99.6
 """
 
 
@@ -132,7 +132,7 @@ def test_the_table_answers_the_questions(tmp_path):
     raw = e2e.bench_rows(BENCH_OUTPUT)
     assert [(r["backend"], r["precision"], r["batch"]) for r in raw] == [
         ("torch-eager", "fp32", 1), ("torch-eager", "fp32", 256), ("torch-eager", "fp16+channels_last", 256),
-        ("served-torch", "fp16", 256)]
+        ("served-torch", "fp16+compile", 256)]
     assert raw[2]["top1_agree"] == pytest.approx(0.996) and raw[2]["max_abs_diff"] == pytest.approx(0.012)
     endpoint = {"requests": 100, "failures": 0, "rps": 6.5, "p50_ms": 12.0, "p99_ms": 40.0}
     s = {"config": {"resolution": 224, "full_set": 950_000, "bench_batch": 256, "backend": "torch",
@@ -143,13 +143,15 @@ def test_the_table_answers_the_questions(tmp_path):
          "score_service": {"complete": True, "images": 950_000, "seconds": 95.0, "img_per_s": 10_000.0},
          "score_direct": {"complete": False, "images": 500_000, "seconds": 40.0, "img_per_s": 12_500.0},
          "locust_low": {"endpoints": {"/classify": endpoint}}, "seconds": 400,
-         "service_info": {"backend": "torch", "auto": {"batch": 256, "img_per_s": {"torch": 16900}, "left_out": {}}}}
+         "service_info": {"backend": "torch", "auto": {"batch": 256, "img_per_s": {"torch": 16900}, "left_out": {}},
+                          "warmup_seconds": {"256": 40.2, "128": 1.1, "8": 5.5}}}
     e2e.finish(s, tmp_path)
     assert s["ratios"]["service_over_raw"] == pytest.approx(10_000 / 17_067)   # the service's own backend, raw
     assert s["ratios"]["service_over_direct"] == pytest.approx(0.8)
     text = e2e.table(s)
     assert "16,732 img/s" in text and "not measured" in text and "tensorrt" in text and "top-1 = fp32 on 99.6%" in text
     assert re.search(r"service backend \(auto\)\s+torch\s+torch 16,900 img/s at batch 256", text)
+    assert re.search(r"service torch.compile warm-up\s+47 s\s+b256 40.2 s, b128 1.1 s, b8 5.5 s", text)
     assert re.search(r"service scoring: 950,000 images\s+95 s\s+measured", text)
     assert re.search(r"direct scoring \(no service\): 950,000 images\s+76 s\s+projected", text)
     assert re.search(r"/classify \(1 user\)\s+p50 12 ms, p99 40 ms", text)
