@@ -10,6 +10,7 @@ Targets: the service within 25% of the raw backend for batch scoring; /classify 
 On a shared machine, run it when it is otherwise idle: raw and served rounds alternate to pair up the noise.
 """
 import argparse
+import collections
 import concurrent.futures
 import io
 import json
@@ -25,7 +26,7 @@ import psutil
 import requests
 from PIL import Image
 
-from serving.local_server import LocalServer
+from serving.local_server import LocalServer, process_label
 from training.files import write_json
 
 
@@ -86,19 +87,18 @@ def service_batch(url, npy_bytes, requests_n, in_flight, batch):
 
 
 def server_cpu_seconds(server):
-    """User + system CPU time so far of the server's processes by role: {"front", "model", "arbiter"}."""
-    arbiter = psutil.Process(server.process.pid)
-    seconds = {"front": 0.0, "model": 0.0, "arbiter": sum(arbiter.cpu_times()[:2])}
-    for p in arbiter.children(recursive=True):
-        role = "model" if "Model" in p.cmdline() else "front"   # workers run with --service-name <name>
-        seconds[role] += sum(p.cpu_times()[:2])
+    """User + system CPU seconds so far of the server's processes, by name (Classifier, Model, arbiter)."""
+    root = psutil.Process(server.process.pid)
+    seconds = collections.Counter()
+    for proc in [root, *root.children(recursive=True)]:
+        seconds[process_label(proc)] += sum(proc.cpu_times()[:2])
     return seconds
 
 
 def cpu_ms_since(server, before, requests_n):
-    """Server CPU ms per request by role since `before` (a server_cpu_seconds result)."""
+    """Server CPU ms per request by process since `before` (a server_cpu_seconds result)."""
     now = server_cpu_seconds(server)
-    return {role: round(1000 * (now[role] - before[role]) / requests_n, 2) for role in now}
+    return {name: round(1000 * (now[name] - before[name]) / requests_n, 2) for name in now}
 
 
 def classify_latency(url, n):
@@ -164,8 +164,8 @@ def main(argv=None):
             ("service overhead (median of per-round raw/served - 1)", f"{result['service_overhead_pct']}% (target < 25%)"),
             ("/classify one 32×32 PNG, concurrency 1", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms (target p50 < 20 ms)"),
             ("raw backend CPU time per call", f"{raw_cpu_ms:.0f} ms"),
-            ("/classify_batch server CPU time per request", f"front {batch_cpu['front']:.0f} ms, Model {batch_cpu['model']:.0f} ms"),
-            ("/classify server CPU time per request", f"front {classify_cpu['front']:.1f} ms, Model {classify_cpu['model']:.1f} ms"),
+            ("/classify_batch server CPU time per request", f"front {batch_cpu['Classifier']:.0f} ms, Model {batch_cpu['Model']:.0f} ms"),
+            ("/classify server CPU time per request", f"front {classify_cpu['Classifier']:.1f} ms, Model {classify_cpu['Model']:.1f} ms"),
             ("/classify p50 again, after the bulk phase", f"{p50_after:.1f} ms")]
     print(f"\n{tag} on {described['backend']} ({described['device']}, {described['precision']}), {result['machine']}")
     for name, value in rows:

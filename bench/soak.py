@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from serving.local_server import LocalServer, stop_process_group
+from serving.local_server import LocalServer, process_label, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -89,20 +89,6 @@ def tiny_store(out):
     return home
 
 
-def label(proc):
-    """A readable name: 'arbiter' for `bentoml serve`, else the service a BentoML worker runs."""
-    try:
-        cmd = proc.cmdline()
-    except psutil.Error:
-        return f"pid{proc.pid}"
-    if "serve" in cmd and any(c.endswith("bentoml") for c in cmd):
-        return "arbiter (bentoml serve)"
-    for flag in ("--service-name", "--runner-name"):
-        if flag in cmd and cmd.index(flag) + 1 < len(cmd):
-            return cmd[cmd.index(flag) + 1]
-    return " ".join(Path(c).name for c in cmd[:3])[:40]
-
-
 def sample(root):
     """{pid: (label, rss bytes, pss bytes)} for the root process and all its descendants."""
     try:
@@ -113,7 +99,7 @@ def sample(root):
     for proc in procs:
         try:
             mem = proc.memory_full_info()   # PSS reads /proc/PID/smaps_rollup
-            out[proc.pid] = (label(proc), mem.rss, getattr(mem, "pss", mem.rss))
+            out[proc.pid] = (process_label(proc), mem.rss, getattr(mem, "pss", mem.rss))
         except psutil.Error:
             pass
     return out

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,20 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_label(proc):
+    """A server process by name: 'arbiter (bentoml serve)', else the service its BentoML worker runs."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return f"pid{proc.pid}"
+    if "serve" in cmd and any(c.endswith("bentoml") for c in cmd):
+        return "arbiter (bentoml serve)"
+    for flag in ("--service-name", "--runner-name"):
+        if flag in cmd and cmd.index(flag) + 1 < len(cmd):
+            return cmd[cmd.index(flag) + 1]
+    return " ".join(Path(c).name for c in cmd[:3])[:40]
 
 
 class LocalServer:
