@@ -78,7 +78,7 @@ class TorchBackend(Backend):
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_classifier(Path(model_dir) / "checkpoint.pt", self.device)
-        self.buckets, self.warmup_seconds, self.calls = None, {}, None
+        self.buckets, self.warmup_seconds, self.calls, self.compile_error = None, {}, None, None
         if not self.device.startswith("cuda"):
             torch.set_num_threads(cpu_threads())
             self.model, self.precision = model, "fp32"
@@ -173,7 +173,7 @@ class TorchBackend(Backend):
         extra = {"buckets": self.buckets, "warmup_seconds": self.warmup_seconds} if self.warmup_seconds else {}
         if self.calls is not None:
             extra["images_per_model_call"] = self.chunk
-        if hasattr(self, "compile_error"):
+        if self.compile_error:
             extra["compile_error"] = self.compile_error
         return {**super().describe(), **extra}
 
