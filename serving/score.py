@@ -194,8 +194,9 @@ class ServiceScorer:
             raise Cancelled
 
     def _request(self, method, path, **kwargs):
-        """The response of the first try that reached a ready service (bounded tries, growing waits)."""
-        for attempt in range(1, self.retries + 1):
+        """The response of the first try that reached a ready service: the first try, then up to `retries`
+        more after growing waits."""
+        for attempt in range(self.retries + 1):
             try:
                 response = self._session().request(method, self.url + path, timeout=self.timeout, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as e:
@@ -205,9 +206,9 @@ class ServiceScorer:
                     return response
                 problem = f"{self.url}{path} answered HTTP {response.status_code}: {_error_text(response)}"
             if attempt == self.retries:
-                raise ScoreError(f"{problem}; gave up after {self.retries} tries")
-            delay = min(self.backoff * 2 ** (attempt - 1), MAX_DELAY)
-            tqdm.write(f"retry {attempt}/{self.retries - 1} in {delay:g} s: {problem}", file=sys.stderr)
+                raise ScoreError(f"{problem}; gave up after {self.retries} retries")
+            delay = min(self.backoff * 2 ** attempt, MAX_DELAY)
+            tqdm.write(f"retry {attempt + 1}/{self.retries} in {delay:g} s: {problem}", file=sys.stderr)
             if self.stop.wait(delay):
                 raise Cancelled
 
@@ -357,15 +358,18 @@ def main(argv=None):
     p.add_argument("--labels", help=".npy of true labels in submission order: report the accuracy")
     p.add_argument("--chunk-size", type=int, default=2048, help="images per request (default %(default)s)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once (default %(default)s)")
-    p.add_argument("--retries", type=int, default=8, help="tries per request before giving up (default %(default)s)")
+    p.add_argument("--retries", type=int, default=8,
+                   help="retries per request after its first try, 0: none (default %(default)s)")
     p.add_argument("--backoff", type=float, default=0.5,
-                   help="first wait in seconds between tries, doubled each time (default %(default)s)")
+                   help="first wait in seconds before a retry, doubled each time (default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="at most this many requests per second (default: no limit)")
     a = p.parse_args(argv)
-    for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight), ("--retries", a.retries)):
+    for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight)):
         if value < 1:
             p.error(f"{name} must be at least 1")
+    if a.retries < 0:
+        p.error("--retries must be at least 0")
     if a.backoff < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
         p.error("--backoff must be >= 0, --timeout and --rate > 0")
     try:

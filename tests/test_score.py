@@ -135,15 +135,17 @@ def test_labels_file_is_checked_up_front(tmp_path, ood, counting_server, capsys)
     assert counting_server.requests == 0
 
 
-def test_gives_up_after_bounded_retries(tmp_path, ood, counting_server, capsys):
-    """A service that keeps answering 503: exactly --retries tries, then a clear error."""
+@pytest.mark.parametrize("retries", [0, 3])
+def test_gives_up_after_bounded_retries(tmp_path, ood, counting_server, capsys, retries):
+    """A service that keeps answering 503: the first try and exactly --retries more, then a clear error."""
     start = time.monotonic()
     with pytest.raises(SystemExit):
         score.main(["--url", counting_server.url, "--ood-dir", str(ood), "--out", str(tmp_path / "x.csv"),
-                    "--retries", "3", "--backoff", "0.05"])
+                    "--retries", str(retries), "--backoff", "0.05"])
     err = capsys.readouterr().err
-    assert "answered HTTP 503" in err and "gave up after 3 tries" in err
-    assert counting_server.requests == 3                 # GET /info, three times
+    assert "answered HTTP 503" in err and f"gave up after {retries} retries" in err
+    assert err.count("retry ") == retries and (retries == 0 or f"retry {retries}/{retries} " in err)
+    assert counting_server.requests == retries + 1       # GET /info: the first try and the retries
     assert time.monotonic() - start < 5
     assert not (tmp_path / "x.csv").exists()
 

@@ -288,6 +288,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "--lr" in result.stderr
 
 
+def test_help_shows_each_recipe_option_with_its_meaning_and_the_parts_default(capsys):
+    from training.__main__ import parse_args
+    for part, lr in (("part1", "0.01"), ("part3", "0.001")):
+        with pytest.raises(SystemExit):
+            parse_args([part, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"--lr FLOAT learning rate (the peak, after any warm-up) (default: {lr})" in text
+        assert "--grad-clip FLOAT clip the gradient norm to this; none: no clipping" in text
+    part, run, overrides = parse_args(["part3", "--data-dir", "d", "--lr", "0.5", "--grad-clip", "none"])
+    assert part == "part3" and run["data_dir"] == "d" and overrides == {"lr": 0.5, "grad_clip": None}
+
+
 def test_torchrun_two_processes_on_cpu(data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training",
