@@ -12,7 +12,6 @@ cell's logits are compared with eager FP32 PyTorch on the same images: largest |
 share of equal top-1 classes. ONNX files missing next to a checkpoint are exported into a temporary folder first.
 """
 import argparse
-import json
 import logging
 import os
 import platform
@@ -25,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx import ExportError, export_checkpoint, ort_session, read_metadata
+from export.onnx import Artifact, ExportError, export_checkpoint, ort_session
 from training.checkpoint import CheckpointError, load_classifier, sha256
+from training.contract import CHECKPOINT_FILE, ENGINE_FILE, INPUT_NAME, NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, random_images
 from training.files import write_json
 
 log = logging.getLogger("bench")
@@ -63,7 +63,7 @@ def ort_runner(path, device):
         return None
 
     def run(images):
-        return session.run(None, {"images": images})[0]
+        return session.run(None, {INPUT_NAME: images})[0]
     return run
 
 
@@ -71,28 +71,27 @@ def find_artifacts(args, scratch):
     """(checkpoint path, {"onnx": path, "onnx_fp16": path, "engine": path} of those present)."""
     if args.model_dir:
         root = Path(args.model_dir)
-        names = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "engine": "model.engine"}
-        return root / "checkpoint.pt", {k: root / v for k, v in names.items() if (root / v).is_file()}
+        names = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "engine": ENGINE_FILE}
+        return root / CHECKPOINT_FILE, {k: root / v for k, v in names.items() if (root / v).is_file()}
     checkpoint = Path(args.checkpoint)
     model, ckpt = load_classifier(checkpoint)
     part, digest, root = ckpt["recipe"]["name"], sha256(checkpoint), Path(args.artifacts)
     names = {"onnx": f"{part}.onnx", "onnx_fp16": f"{part}.fp16.onnx", "engine": f"{part}.engine"}
     found = {}
     for key, name in names.items():
-        path = root / name
-        if not path.is_file():
+        try:
+            artifact = Artifact.load(root / name)
+        except ExportError:   # not there, or exported by an older version
             continue
-        made_from = (read_metadata(path).get("checkpoint_sha256") if key != "engine" else
-                     json.loads(path.with_name(name + ".json").read_text()).get("checkpoint_sha256"))
-        if made_from == digest:
-            found[key] = path
+        if artifact.info.get("checkpoint_sha256") == digest:
+            found[key] = artifact.path
         else:
-            log.warning("ignoring %s: exported from another checkpoint", path)
+            log.warning("ignoring %s: exported from another checkpoint", artifact.path)
     if "onnx" not in found or "onnx_fp16" not in found:
         log.info("exporting ONNX files for %s into %s", checkpoint, scratch)
         written = export_checkpoint(model, ckpt, digest, Path(scratch), fp16=True)
-        found.setdefault("onnx", written["fp32"][0])
-        found.setdefault("onnx_fp16", written["fp16"][0])
+        found.setdefault("onnx", written["fp32"].path)
+        found.setdefault("onnx_fp16", written["fp16"].path)
     return checkpoint, found
 
 
@@ -118,7 +117,7 @@ def backends(args, checkpoint, artifacts, device):
     if "engine" not in artifacts:
         log.info("skipping TensorRT: no engine (python -m export tensorrt)")
     else:
-        from export.tensorrt import TensorRTRunner, unavailable_reason
+        from serving.tensorrt import TensorRTRunner, unavailable_reason
         if reason := unavailable_reason():
             log.info("skipping TensorRT: %s", reason)
         else:
@@ -135,7 +134,7 @@ def backends(args, checkpoint, artifacts, device):
 
 
 def test_images(batch):
-    return np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    return random_images(batch, seed=batch)
 
 
 def time_cell(run, batch, iters, max_seconds, warmup, sync):
@@ -149,7 +148,7 @@ def time_cell(run, batch, iters, max_seconds, warmup, sync):
         logits = run(images)
         sync()
         times.append(time.perf_counter() - t0)
-    assert logits.shape == (batch, 100) and logits.dtype == np.float32
+    assert logits.shape == (batch, NUM_CLASSES) and logits.dtype == np.float32
     median = statistics.median(times)
     return {"batch": batch, "iters": len(times), "ms_per_batch": 1e3 * median,
             "ms_p90": 1e3 * float(np.percentile(times, 90)), "img_per_s": batch / median}, logits
@@ -168,7 +167,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training checkpoint (ONNX files from --artifacts, else exported)")
-    src.add_argument("--model-dir", help="a cifar100-classifier folder of the BentoML model store")
+    src.add_argument("--model-dir", help="a model's folder in the BentoML model store (models/<name>/<version>)")
     p.add_argument("--artifacts", default="artifacts", help="where `python -m export` wrote (with --checkpoint)")
     p.add_argument("--batch-sizes", default="1,16,64,256")
     p.add_argument("--iters", type=int, default=50, help="timed calls per cell at most")
@@ -200,6 +199,9 @@ def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
     log.info("%s (%s at %d px) on %s", checkpoint, recipe["arch"], recipe["resolution"], device)
 
     results, reference = [], {}
+    report = {"machine": machine(device), "checkpoint": str(checkpoint),
+              "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
+              "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
     reference_model = load_classifier(checkpoint)[0]   # eager FP32 on the CPU: what every backend should compute
     header = (f"{'backend':<16} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} "
               f"{'iters':>5} {'max|diff|':>9} {'top1%':>6}")
@@ -223,11 +225,10 @@ def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
             print(f"{name:<16} {dev:<6} {precision:<19} {batch:>5} {cell['ms_per_batch']:>10.2f} "
                   f"{cell['img_per_s']:>10.0f} {cell['iters']:>5} {cell['max_abs_diff']:>9.2e} "
                   f"{100 * cell['top1_agree']:>6.1f}", flush=True)
+            if args.json:   # after every cell: a run stopped by a time limit still leaves its rows
+                write_json(args.json, report)
         del run  # free this backend before the next one is built
     if args.json:
-        report = {"machine": machine(device), "checkpoint": str(checkpoint),
-                  "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
-                  "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
         write_json(args.json, report)
         log.info("wrote %s", args.json)
 

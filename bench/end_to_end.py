@@ -10,13 +10,12 @@ random-weight ResNet-50 (Part 3) checkpoint -> `python -m export all` -> bench/b
 serving.score --direct (no service). Each stage is a subprocess with a time limit cut from one --budget;
 a stage that fails or runs out of time is reported as such and the rest goes on where it can (a scoring
 run cut short reports the images it finished and projects the full set from that rate). The service
-is always stopped.
+is always stopped. Figures come from the JSON files the stages write (--json), never from their printed lines.
 """
 import argparse
 import csv
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,10 +30,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from serving.local_server import LocalServer, stop_process_group  # noqa: E402
+from serving.score import N_FILES, figures  # noqa: E402
+from training.checkpoint import save_random_checkpoint  # noqa: E402
+from training.contract import CHECKPOINT_FILE, ENGINE_FILE, MODEL_NAME, NUM_CLASSES  # noqa: E402
 from training.files import atomic_path, write_json  # noqa: E402
 
-N_FILES, FULL_SET = 19, 950_000
-MODEL = "cifar100-classifier"
+FULL_SET = 950_000
 
 
 class Stages:
@@ -120,28 +121,12 @@ def machine_info():
         info["ort_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         info["ort_providers"] = []
-    from export.tensorrt import unavailable_reason
+    from serving.tensorrt import unavailable_reason
     info["tensorrt_unavailable"] = unavailable_reason()
     return info
 
 
 # ---------------------------------------------------------------- the model and the data
-
-def make_checkpoint(path, resolution):
-    """A Part 3 ResNet-50 with random weights (no download, no training): speed does not need accuracy."""
-    import torch
-
-    from training.checkpoint import checkpoint_state, save_checkpoint
-    from training.models import build_classifier
-    from training.recipes import Part3
-    from training.synthetic import CLASSES
-
-    torch.manual_seed(0)
-    recipe = Part3(weights="none", resolution=resolution)
-    model = build_classifier(recipe, pretrained=False)
-    save_checkpoint(path, checkpoint_state(model, recipe, CLASSES,
-                                           metrics={"epoch": 0, "val_acc": 0.0, "val_loss": 0.0}))
-
 
 def write_ood(folder, per_file):
     """distortion00..18.npy, uint8 per_file×32×32×3 each: one block of synthetic images, rolled per file."""
@@ -149,7 +134,7 @@ def write_ood(folder, per_file):
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 100, per_file)
+    labels = rng.integers(0, NUM_CLASSES, per_file)
     block = np.concatenate([make_images(labels[i:i + 10_000], rng) for i in range(0, per_file, 10_000)])
     for k in range(N_FILES):
         with atomic_path(folder / f"distortion{k:02d}.npy") as tmp, open(tmp, "wb") as f:
@@ -157,7 +142,7 @@ def write_ood(folder, per_file):
 
 
 def store_entry(bentoml_home):
-    entries = sorted((bentoml_home / "models" / MODEL).glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    entries = sorted((bentoml_home / "models" / MODEL_NAME).glob(f"*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
     return entries[-1].parent if entries else None
 
 
@@ -205,31 +190,22 @@ class GpuSampler:
 
 # ---------------------------------------------------------------- results
 
-def bench_rows(text):
-    """Rows of bench/backends.py's table from its output (there even when it was cut short)."""
-    rows = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 9 and parts[3].isdigit():
-            try:
-                rows.append({"backend": parts[0], "device": parts[1], "precision": parts[2], "batch": int(parts[3]),
-                             "ms_per_batch": float(parts[4]), "img_per_s": float(parts[5]), "iters": int(parts[6]),
-                             "max_abs_diff": float(parts[7]), "top1_agree": float(parts[8]) / 100})
-            except ValueError:
-                continue
-    return rows
+def bench_rows(path):
+    """The measured rows of bench/backends.py's --json file (written after every row: there even when the stage
+    was cut short)."""
+    try:
+        return [r for r in json.loads(Path(path).read_text())["results"] if "error" not in r]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
-def score_result(status, text, out_csv, seconds):
-    """Images scored and the rate, from serving.score's last line, or from its saved chunks when cut short."""
-    match = re.search(r"scored (\d+) images in (\d+) requests, ([\d.]+) s \((\d+) img/s\)", text)
-    if status == "ok" and match:
-        return {"complete": True, "images": int(match[1]), "requests": int(match[2]), "seconds": float(match[3]),
-                "img_per_s": float(match[4]), "process_seconds": round(seconds, 1)}
+def score_result(status, json_path, out_csv, seconds):
+    """serving.score's --json figures, or, when the run was cut short, the images of its saved chunks."""
+    if status == "ok" and Path(json_path).is_file():
+        return {**json.loads(Path(json_path).read_text()), "process_seconds": round(seconds, 1)}
     parts = Path(f"{out_csv}.parts")
     images = sum(len(np.load(p, allow_pickle=False)) for p in parts.glob("chunk*.npy")) if parts.is_dir() else 0
-    return {"complete": False, "images": images, "seconds": round(seconds, 1),
-            "img_per_s": images / seconds if images else 0.0, "process_seconds": round(seconds, 1)}
+    return figures(images, seconds, False, process_seconds=round(seconds, 1))
 
 
 def chunk_labels(out_csv, per_file, chunk_size):
@@ -344,21 +320,19 @@ def table(s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
-    env = os.environ.get
-    p.add_argument("--out", default=env("OUT") or "build/gpu_check", help="results (summary.json, table.txt, logs)")
-    p.add_argument("--work", default=env("WORK", "/tmp/gpu_check"), help="scratch: model store, OOD set (wiped)")
-    p.add_argument("--images", type=int, default=int(env("IMAGES", FULL_SET)), help="OOD images (19 files)")
-    p.add_argument("--resolution", type=int, default=int(env("RESOLUTION", 224)))
-    p.add_argument("--budget", type=float, default=float(env("BUDGET", 480)), help="seconds for all stages")
-    p.add_argument("--backend", default=env("BACKEND", "auto"), help="the service's CIFAR100_BACKEND")
-    p.add_argument("--chunk-size", type=int, default=int(env("CHUNK_SIZE", 4096)))
-    p.add_argument("--in-flight", type=int, default=int(env("IN_FLIGHT", 8)))
-    p.add_argument("--batch-sizes", default=env("BATCH_SIZES", "1,100,256"),
+    p.add_argument("--out", default="build/gpu_check", help="results: summary.json, table.txt, logs (default %(default)s)")
+    p.add_argument("--work", default="/tmp/gpu_check", help="scratch: model store, OOD set (wiped; default %(default)s)")
+    p.add_argument("--images", type=int, default=FULL_SET, help="OOD images in all (19 files; default %(default)s)")
+    p.add_argument("--resolution", type=int, default=224, help="the ResNet-50's input size (default %(default)s)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all stages (default %(default)s)")
+    p.add_argument("--backend", default="auto", help="the service's CIFAR100_BACKEND (default %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="images per scoring request (default %(default)s)")
+    p.add_argument("--in-flight", type=int, default=8, help="scoring requests at once (default %(default)s)")
+    p.add_argument("--batch-sizes", default="1,100,256",
                    help="for bench/backends.py (100: the served torch backend pads it to its 128 bucket)")
-    p.add_argument("--locust-seconds", type=int, default=int(env("LOCUST_SECONDS", 15)))
-    p.add_argument("--keep-data", action="store_true", default=env("KEEP_DATA") == "1",
-                   help="keep the OOD set in WORK/ood (deleted at the end otherwise)")
-    p.add_argument("--locust-users", type=int, default=int(env("LOCUST_USERS", 32)))
+    p.add_argument("--locust-seconds", type=int, default=15, help="each Locust run (default %(default)s)")
+    p.add_argument("--locust-users", type=int, default=32, help="users of the loaded Locust run (default %(default)s)")
+    p.add_argument("--keep-data", action="store_true", help="keep the OOD set in WORK/ood (deleted at the end otherwise)")
     return p.parse_args(argv)
 
 
@@ -392,19 +366,19 @@ def main(argv=None):
 
         ckpt = work / "part3.pt"
         t0 = time.monotonic()
-        make_checkpoint(ckpt, a.resolution)
+        save_random_checkpoint(ckpt, "part3", resolution=a.resolution)   # speed does not need accuracy
         stages.results["checkpoint"] = {"status": "ok", "seconds": round(time.monotonic() - t0, 1)}
 
         status, _ = stages.run("export", [sys.executable, "-m", "export", "all", "--checkpoint", ckpt,
-                                          "--out", work / "artifacts", "--name", MODEL], cap=240)
+                                          "--out", work / "artifacts"], cap=240)
         entry = store_entry(home)
         if entry is None:
             raise RuntimeError("export did not produce a model store entry; see the export log above")
 
         bench = [sys.executable, "bench/backends.py", "--model-dir", entry, "--batch-sizes", a.batch_sizes,
                  "--iters", 30, "--max-seconds", 3, "--json", out / "backends.json"]
-        status, text = stages.run("bench", bench, cap=200, reserve=0.55 * stages.left())
-        s["raw"] = bench_rows(text)
+        stages.run("bench", bench, cap=200, reserve=0.55 * stages.left())
+        s["raw"] = bench_rows(out / "backends.json")
         if cuda and "CIFAR100_TORCH_COMPILE" not in os.environ and not any(
                 r["backend"] == "served-torch" and r["precision"].endswith("+compile") for r in s["raw"]):
             # torch.compile failed or did not finish within the bench stage: the service and the direct run
@@ -416,7 +390,7 @@ def main(argv=None):
         if cuda and "CUDAExecutionProvider" not in m["ort_providers"]:
             s["missing_backends"]["onnxruntime cuda"] = (f"onnxruntime {m.get('onnxruntime-gpu') or m.get('onnxruntime')}"
                                                          f" has no CUDAExecutionProvider (CPU build)")
-        if m["tensorrt_unavailable"] or not (entry / "model.engine").is_file():
+        if m["tensorrt_unavailable"] or not (entry / ENGINE_FILE).is_file():
             s["missing_backends"]["tensorrt"] = m["tensorrt_unavailable"] or "no engine in the store entry"
 
         # The OOD set is written while the service starts (CPU work vs. the service's model loading).
@@ -425,7 +399,7 @@ def main(argv=None):
         t0 = time.monotonic()
         writer.start()
         try:
-            service = LocalServer(home, {"CIFAR100_BACKEND": a.backend, "CIFAR100_MODEL": f"{MODEL}:latest"},
+            service = LocalServer(home, {"CIFAR100_BACKEND": a.backend, "CIFAR100_MODEL": f"{MODEL_NAME}:latest"},
                                   run_dir=work / "service", ready_timeout=max(5, min(240, stages.left() - 60)))
             ready = "ok"
         except RuntimeError as e:   # its message ends with the server log's tail
@@ -452,14 +426,14 @@ def main(argv=None):
         sampler = GpuSampler(logs / "gpu_service.csv")
         score = [sys.executable, "-m", "serving.score", "--ood-dir", ood, "--chunk-size", a.chunk_size]
         # What is left, less a share for the direct run, stopping the service and the report.
-        status, text = stages.run("score_service", score + ["--url", service.url, "--in-flight", a.in_flight,
-                                                            "--out", work / "service.csv"],
-                                  cap=1e9, reserve=max(25, 0.35 * stages.left()))
+        status, _ = stages.run("score_service", score + ["--url", service.url, "--in-flight", a.in_flight,
+                                                         "--out", work / "service.csv", "--json", work / "service.json"],
+                               cap=1e9, reserve=max(25, 0.35 * stages.left()))
         after = model_stats(service.url)   # at once: the service goes on with queued chunks
         s["gpu_while_scoring"] = sampler.stop()
         seconds = stages.results["score_service"]["seconds"]
         if status != "skipped":
-            s["score_service"] = r = score_result(status, text, work / "service.csv", seconds)
+            s["score_service"] = r = score_result(status, work / "service.json", work / "service.csv", seconds)
             calls, images = (after.get(k, 0) - before.get(k, 0) for k in ("model_calls", "images"))
             if not r["complete"] and images > r["images"]:
                 # Cut short with many chunks in flight, few are finished: count what the model has done.
@@ -471,10 +445,12 @@ def main(argv=None):
         service.stop()
         service = None
 
-        status, text = stages.run("score_direct", score + ["--direct", entry, "--backend", a.backend,
-                                                           "--out", work / "direct.csv"], cap=1e9, reserve=8)
+        status, _ = stages.run("score_direct", score + ["--direct", entry, "--backend", a.backend, "--out",
+                                                        work / "direct.csv", "--json", work / "direct.json"],
+                               cap=1e9, reserve=8)
         if status != "skipped":
-            s["score_direct"] = score_result(status, text, work / "direct.csv", stages.results["score_direct"]["seconds"])
+            s["score_direct"] = score_result(status, work / "direct.json", work / "direct.csv",
+                                             stages.results["score_direct"]["seconds"])
         s["agreement"] = agreement(chunk_labels(work / "service.csv", per_file, a.chunk_size),
                                    chunk_labels(work / "direct.csv", per_file, a.chunk_size))
     except Exception as e:

@@ -2,20 +2,23 @@
 # The end-to-end speed check in one command, made for the lent GPU machine (no registry there):
 #
 #   bash bench/gpu_check.sh                                  # GPU: ResNet-50 @224, 950,000 OOD images, < 9.5 min
-#   IMAGES=5000 RESOLUTION=32 bash bench/gpu_check.sh        # CPU dry run here (a few minutes)
+#   bash bench/gpu_check.sh --images 5000 --resolution 32    # CPU dry run here (a few minutes)
 #
 # 1. installs .whl/*.whl (BentoML, Locust; bash bench/fetch_wheels.sh downloads them) into /tmp/site, plus
 #    .whl/if-missing/*.whl the image lacks, when `import bentoml, locust` fails (i.e. not in the dev venv);
 # 2. prints nvidia-smi and the torch/CUDA versions;
 # 3. runs bench/end_to_end.py (see its docstring) under a hard time limit: export, raw backends,
 #    `bentoml serve`, Locust, scoring the OOD set through the service and directly; one table at the end.
-# Results: $OUT (default build/gpu_check): summary.json, table.txt, log.txt, backends.json, console.txt.
-# Environment: OUT, WORK (scratch, wiped; /tmp/gpu_check), IMAGES, RESOLUTION, BUDGET (seconds for the
-# stages, 480), BACKEND (the service's, auto), CHUNK_SIZE, IN_FLIGHT, BATCH_SIZES, LOCUST_SECONDS, LOCUST_USERS,
-# KEEP_DATA=1 (keep the OOD set), CIFAR100_* (passed to the service, e.g. CIFAR100_TORCH_COMPILE=0 for eager).
+# Options go to bench/end_to_end.py (python bench/end_to_end.py --help lists them: --images, --resolution,
+# --backend, --chunk-size, --in-flight, --batch-sizes, --locust-seconds, --locust-users, --keep-data).
+# Results: CIFAR100_BENCH_OUT (default build/gpu_check): summary.json, table.txt, log.txt, backends.json,
+# console.txt. Environment: CIFAR100_BENCH_OUT, CIFAR100_BENCH_WORK (scratch, wiped; /tmp/gpu_check),
+# CIFAR100_BENCH_BUDGET (seconds for the stages, 480), PYTHON, and CIFAR100_* (passed to the service, e.g.
+# CIFAR100_TORCH_COMPILE=0 for eager).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OUT=${OUT:-build/gpu_check} WORK=${WORK:-/tmp/gpu_check} BUDGET=${BUDGET:-480}
+OUT=${CIFAR100_BENCH_OUT:-build/gpu_check} WORK=${CIFAR100_BENCH_WORK:-/tmp/gpu_check}
+BUDGET=${CIFAR100_BENCH_BUDGET:-480}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -42,7 +45,7 @@ trap stop_service EXIT
 trap on_signal TERM INT
 exec > >(tee "$OUT/console.txt") 2>&1
 
-echo "== gpu_check $(date -u +%FT%TZ) on ${HOSTNAME:-?}: IMAGES=${IMAGES:-950000} RESOLUTION=${RESOLUTION:-224} BUDGET=$BUDGET"
+echo "== gpu_check $(date -u +%FT%TZ) on ${HOSTNAME:-?}: budget $BUDGET s, options: ${*:-none}"
 if ! "$PY" -c "import bentoml, locust" 2>/dev/null; then
   SITE=${SITE:-/tmp/site}
   if ! ls .whl/*.whl >/dev/null 2>&1; then
@@ -81,7 +84,7 @@ fi
 torch.version.cuda, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 
 # The stages' own budget plus a margin for the report; then the driver is stopped (and killed 30 s later).
-timeout -k 30 $((BUDGET + 40)) "$PY" -u bench/end_to_end.py &
+timeout -k 30 $((BUDGET + 40)) "$PY" -u bench/end_to_end.py --out "$OUT" --work "$WORK" --budget "$BUDGET" "$@" &
 DRIVER=$!
 wait "$DRIVER"
 rc=$?

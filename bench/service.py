@@ -1,11 +1,11 @@
 """Service overhead: the raw backend vs the same backend behind `bentoml serve`, on this machine.
 
-    python -m bench.service [--backend onnx] [--batch 1024] [--requests 16] [--in-flight 4] [--out bench/service.json]
+    python -m bench.service [--backend onnx] [--batch 1024] [--requests 16] [--in-flight 4] [--json bench/service.json]
 
 Measures (1) raw backend img/s on uint8 batches, (2) /classify_batch img/s with BATCH-image .npy uploads and
 IN_FLIGHT requests in flight, (3) /classify latency (p50/p95) for one 32×32 PNG at concurrency 1 and the
 server CPU time (all its processes) per such request.
-Uses the latest `cifar100-classifier` in the store of $BENTOML_HOME (`python -m serving.up` makes one).
+Uses the latest model in the store of $BENTOML_HOME (`python -m serving.up` makes one).
 Targets: the service within 25% of the raw backend for batch scoring; /classify p50 < 20 ms.
 On a shared machine, run it when it is otherwise idle: raw and served rounds alternate to pair up the noise.
 """
@@ -27,6 +27,7 @@ import requests
 from PIL import Image
 
 from serving.local_server import LocalServer, process_label
+from training.contract import MODEL_NAME, random_images
 from training.files import write_json
 
 
@@ -39,14 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--classify-requests", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5, help="raw and served measurements alternate this many times")
-    p.add_argument("--out", default="bench/service.json")
+    p.add_argument("--json", default="bench/service.json", help="where to write the figures (default %(default)s)")
     return p.parse_args(argv)
 
 
 def model_dir():
     import bentoml
     try:
-        model = bentoml.models.get("cifar100-classifier:latest")
+        model = bentoml.models.get(f"{MODEL_NAME}:latest")
     except bentoml.exceptions.NotFound as e:
         sys.exit(f"error: {e}: `make serve ARGS=--synthetic` (or python -m export all) puts one there; "
                  f"BENTOML_HOME picks another store")
@@ -103,7 +104,7 @@ def cpu_ms_since(server, before, requests_n):
 
 def classify_latency(url, n):
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(random_images(1)[0]).save(buffer, "PNG")
     body, headers = multipart("images", "a.png", buffer.getvalue())
     session = requests.Session()
     times = []
@@ -119,7 +120,7 @@ def classify_latency(url, n):
 def main(argv=None):
     args = parse_args(argv)
     tag, path = model_dir()
-    images = np.random.default_rng(0).integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)
+    images = random_images(args.batch)
     from serving.backends import load_backend
     backend = load_backend(args.backend, path)
     backend.warmup((1, args.batch))
@@ -170,7 +171,7 @@ def main(argv=None):
     print(f"\n{tag} on {described['backend']} ({described['device']}, {described['precision']}), {result['machine']}")
     for name, value in rows:
         print(f"  {name:<52} {value}")
-    write_json(args.out, result)
+    write_json(args.json, result)
     print(json.dumps(result))
 
 

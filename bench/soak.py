@@ -2,8 +2,7 @@
 
     python -m bench.soak [--minutes 10] [--users 4] [--home ~/bentoml] [--out build/soak] [--max-growth-mb 50]
 
-Starts `bentoml serve serving.service:Classifier` on a free 127.0.0.1 port (the latest `cifar100-classifier`
-of --home's store; without --home, a random-weight Part 1 model exported into OUT/bentoml), runs a headless
+Starts `bentoml serve serving.service:Classifier` on a free 127.0.0.1 port (the latest model of --home's store; without --home, a random-weight Part 1 model exported into OUT/bentoml), runs a headless
 Locust load (`python -m loadtest`: /classify uploads and /classify_batch arrays) for --minutes, and samples
 every --every seconds the RSS (and PSS, which splits shared pages fairly) of every process of the server's
 tree: the `bentoml serve` arbiter, the Classifier front and the Model worker. The first --warmup seconds
@@ -25,24 +24,11 @@ from pathlib import Path
 import psutil
 
 from serving.local_server import LocalServer, process_label, stop_process_group
+from training.contract import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
 WINDOW_S = 30   # start/end RSS are medians over this many seconds, so one sample's noise does not decide
-
-TINY_STORE = """
-import sys
-from pathlib import Path
-import torch
-from training.checkpoint import checkpoint_state, save_checkpoint
-from training.models import build_classifier
-from training.recipes import Part1
-torch.manual_seed(0)
-state = checkpoint_state(build_classifier(Part1()), Part1(), [f"class_{i}" for i in range(100)],
-                         metrics={"epoch": 1, "val_acc": 0.01, "val_loss": 4.6, "test_acc": 0.01})
-save_checkpoint(Path(sys.argv[1]), state)
-"""
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0],
@@ -54,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64, help="images per /classify_batch request (default %(default)s)")
     p.add_argument("--every", type=float, default=5, help="seconds between RSS samples (default %(default)s)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default=None, help="CIFAR100_BACKEND")
-    p.add_argument("--home", help="BENTOML_HOME whose latest cifar100-classifier to serve (default: a tiny random model)")
+    p.add_argument("--home", help="BENTOML_HOME whose latest model to serve (default: a tiny random model)")
     p.add_argument("--out", default="build/soak", help="folder for soak.json, soak.png, logs (default %(default)s)")
     p.add_argument("--json", help="JSON path (default OUT/soak.json)")
     p.add_argument("--plot", help="PNG path (default OUT/soak.png)")
@@ -68,7 +54,7 @@ def parse_args(argv=None):
 
 
 def run(cmd, env, log):
-    print("+", " ".join("<script>" if "\n" in str(c) else str(c) for c in cmd), flush=True)
+    print("+", " ".join(map(str, cmd)), flush=True)
     with open(log, "ab") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
     if done.returncode:
@@ -76,16 +62,15 @@ def run(cmd, env, log):
 
 
 def tiny_store(out):
-    """A BENTOML_HOME holding a random-weight Part 1 cifar100-classifier (made once per OUT)."""
+    """A BENTOML_HOME holding a random-weight Part 1 model (made once per OUT)."""
     home = out / "bentoml"
-    if (home / "models" / "cifar100-classifier" / "latest").exists():
+    if (home / "models" / MODEL_NAME / "latest").exists():
         return home
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     checkpoint = out / "model" / "part1.pt"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-c", TINY_STORE, checkpoint], env, out / "export.log")
-    run([sys.executable, "-m", "export", "all", "--checkpoint", checkpoint, "--out", out / "model",
-         "--name", "cifar100-classifier"], env, out / "export.log")
+    run([sys.executable, "-m", "export", "random", "--part", "part1", "--out", checkpoint], env, out / "export.log")
+    run([sys.executable, "-m", "export", "all", "--checkpoint", checkpoint, "--out", out / "model"], env,
+        out / "export.log")
     return home
 
 

@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from training.contract import NUM_CLASSES, random_images
 from training.files import write_json
 from training.models import build_classifier
 from training.recipes import RECIPES
@@ -23,8 +24,7 @@ def measure(part, device, steps, batch_size=None, resolution=None):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(recipe, model)
-    batch = (torch.randint(0, 256, (batch_size, 32, 32, 3), dtype=torch.uint8),
-             torch.randint(0, 100, (batch_size,)))
+    batch = (torch.from_numpy(random_images(batch_size)), torch.randint(0, NUM_CLASSES, (batch_size,)))
     no_bar = lambda it: it
     train_one_epoch(model, [batch] * 3, optimizer, recipe, device, no_bar)  # warm-up (cuDNN autotune, allocator)
     stats = train_one_epoch(model, [batch] * steps, optimizer, recipe, device, no_bar)

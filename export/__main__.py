@@ -1,14 +1,17 @@
-"""python -m export onnx|tensorrt|bento|all — see `python -m export -h`."""
+"""python -m export onnx|tensorrt|bento|all|random — see `python -m export -h`."""
 import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 
-from training.checkpoint import CheckpointError
+from serving.tensorrt import unavailable_reason
+from training.checkpoint import CheckpointError, load_checkpoint, load_classifier, save_random_checkpoint, sha256
+from training.contract import MODEL_NAME
+from training.recipes import RECIPES
 
-from .onnx import ExportError
-from .tensorrt import TensorRTUnavailable, unavailable_reason
+from .onnx import Artifact, ExportError
+from .tensorrt import TensorRTUnavailable
 
 log = logging.getLogger("export")
 DEFAULT_CHECKPOINT = "runs/part3/best.pt"
@@ -40,57 +43,63 @@ def parse_args(argv=None):
     cmd = sub.add_parser("bento", help="save the checkpoint and its artifacts to the BentoML model store")
     checkpoint_arg(cmd)
     cmd.add_argument("--artifacts", default="artifacts", help="where `export onnx/tensorrt` wrote (default: %(default)s)")
-    cmd.add_argument("--name", default="cifar100-classifier")
+    cmd.add_argument("--name", default=MODEL_NAME)
 
     cmd = sub.add_parser("all", help="ONNX, FP16 ONNX, TensorRT (when possible), BentoML model")
     checkpoint_arg(cmd)
     cmd.add_argument("--out", default="artifacts")
-    cmd.add_argument("--name", default="cifar100-classifier")
+    cmd.add_argument("--name", default=MODEL_NAME)
     batch_args(cmd)
+
+    cmd = sub.add_parser("random", help="write a checkpoint of a part's model with random weights (tests, benchmarks)")
+    cmd.add_argument("--part", choices=sorted(RECIPES), default="part1")
+    cmd.add_argument("--out", required=True, help="the checkpoint file to write")
+    cmd.add_argument("--resolution", type=int, default=None, help="the network's input size (default: the part's)")
+    cmd.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def export_onnx(checkpoint, out, fp16):
-    from training.checkpoint import load_classifier, sha256
-
-    from .onnx import export_checkpoint
-
+def load(checkpoint):
+    """(model on the CPU, checkpoint dict, the file's sha256)."""
     model, ckpt = load_classifier(checkpoint, "cpu")
-    return export_checkpoint(model, ckpt, sha256(checkpoint), Path(out), fp16=fp16)
+    return model, ckpt, sha256(checkpoint)
 
 
-def export_tensorrt(onnx_path, out, args):
-    from .onnx import read_metadata
+def export_tensorrt(onnx, out, args):
+    """The engine Artifact built from an ONNX Artifact."""
     from .tensorrt import build_engine
 
-    if reason := unavailable_reason():
-        raise TensorRTUnavailable(f"cannot build a TensorRT engine: {reason}")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise ExportError(f"no ONNX file at {onnx_path}")
-    part = read_metadata(onnx_path).get("part") or onnx_path.name.split(".")[0]
-    return build_engine(onnx_path, Path(out) / f"{part}.engine", args.min_batch, args.opt_batch, args.max_batch,
-                        args.workspace_gib)
+    return build_engine(onnx, Path(out) / f"{onnx.info['part']}.engine", args.min_batch, args.opt_batch,
+                        args.max_batch, args.workspace_gib)
 
 
 def run(args):
-    if args.command == "onnx":
-        export_onnx(args.checkpoint, args.out, args.fp16)
+    from .bento import find_artifacts, save_to_store
+    from .onnx import export_checkpoint
+
+    if args.command == "random":
+        overrides = {"resolution": args.resolution} if args.resolution else {}
+        path = save_random_checkpoint(args.out, args.part, args.seed, **overrides)
+        log.info("wrote %s: %s with random weights", path, args.part)
+    elif args.command == "onnx":
+        export_checkpoint(*load(args.checkpoint), Path(args.out), fp16=args.fp16)
     elif args.command == "tensorrt":
-        export_tensorrt(args.onnx, args.out, args)
+        export_tensorrt(Artifact.load(args.onnx), args.out, args)
     elif args.command == "bento":
-        from .bento import save_to_store
-        save_to_store(args.checkpoint, args.artifacts, args.name)
-    else:  # all
-        from .bento import save_to_store
+        ckpt, digest = load_checkpoint(args.checkpoint), sha256(args.checkpoint)
+        save_to_store(args.checkpoint, ckpt, digest, find_artifacts(args.artifacts, ckpt["recipe"]["name"], digest),
+                      args.name)
+    else:  # all: each step hands what it made to the next; nothing is read back from disk
         from .tensorrt import tensorrt_major
 
-        written = export_onnx(args.checkpoint, args.out, fp16=True)
+        model, ckpt, digest = load(args.checkpoint)
+        written = export_checkpoint(model, ckpt, digest, Path(args.out), fp16=True)
+        artifacts = list(written.values())
         if reason := unavailable_reason():
             log.info("skipping TensorRT: %s", reason)
         else:  # TensorRT 11 takes its precision from the graph; 10 sets FP16 on the FP32 graph itself
-            export_tensorrt(written["fp16" if tensorrt_major() >= 11 else "fp32"][0], args.out, args)
-        save_to_store(args.checkpoint, args.out, args.name)
+            artifacts.append(export_tensorrt(written["fp16" if tensorrt_major() >= 11 else "fp32"], args.out, args))
+        save_to_store(args.checkpoint, ckpt, digest, artifacts, args.name)
 
 
 def main(argv=None):

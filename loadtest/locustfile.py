@@ -15,6 +15,8 @@ import numpy as np
 from locust import HttpUser, between, events, tag, task
 from PIL import Image
 
+from training.contract import IMAGE_SHAPE, NUM_CLASSES
+
 BATCH = int(os.environ.get("LOADTEST_BATCH", "64"))
 WAIT = [float(x) for x in os.environ.get("LOADTEST_WAIT", "0.05,0.25").split(",")]
 POOL = 256   # distinct images to draw from
@@ -27,7 +29,7 @@ def _pool_images():
         return load_cifar100(data_dir).test_images[:POOL]
     from training.synthetic import make_images
     rng = np.random.default_rng(0)
-    return make_images(rng.integers(0, 100, POOL), rng)
+    return make_images(rng.integers(0, NUM_CLASSES, POOL), rng)
 
 
 def _encode(image, fmt):
@@ -47,7 +49,7 @@ IMAGES = _pool_images()
 UPLOADS = [(f"image{i}.png", _encode(im, "PNG"), "image/png") if i % 2 else
            (f"image{i}.jpg", _encode(im, "JPEG"), "image/jpeg") for i, im in enumerate(IMAGES)]
 # Two different arrays (np.resize repeats the pool when BATCH is larger than it).
-BATCHES = [_npy(np.resize(np.roll(IMAGES, k, axis=0), (BATCH, 32, 32, 3))) for k in (0, POOL // 2)]
+BATCHES = [_npy(np.resize(np.roll(IMAGES, k, axis=0), (BATCH, *IMAGE_SHAPE))) for k in (0, POOL // 2)]
 
 
 def _check(response, key, expected):

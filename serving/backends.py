@@ -1,11 +1,11 @@
 """Inference backends behind one interface: uint8 images N×32×32×3 (NHWC, RGB) in, float32 logits N×100 out.
 
-`load_backend(kind, model_dir)` reads the files of a `cifar100-classifier` store entry (contract #1):
+`load_backend(kind, model_dir)` reads the files of a model store entry (training/contract.py names them):
   torch     checkpoint.pt; on a GPU fp16 + channels_last, torch.compile'd with one CUDA graph per batch bucket
             (compiled at load; CIFAR100_TORCH_COMPILE=0: eager), through preallocated pinned host buffers with
             asynchronous copies, all on one thread; on the CPU fp32 eager
   onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime with I/O binding, CUDA EP on a GPU
-  tensorrt  model.engine through export.tensorrt.TensorRTRunner, only when the engine was built for this GPU
+  tensorrt  model.engine through serving.tensorrt.TensorRTRunner, only when the engine was built for this GPU
   auto      every one of them that can run on this machine's device, timed on the same batch after warm-up;
             the fastest serves (describe() shows the measured img/s and why the others were left out)
 """
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, IMAGE_SHAPE, NUM_CLASSES, ONNX_FILE,
+                               ONNX_FP16_FILE, BatchError, blank_images, check_batch, chunks)
+
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
-NUM_CLASSES = 100
 AUTO_BATCH = {True: 256, False: 32}   # images per timed call when auto compares backends: on a GPU, on the CPU
 
 
@@ -49,16 +51,17 @@ class Backend:
         raise NotImplementedError
 
     def __call__(self, images):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise BackendError(f"expected uint8 N×32×32×3 images, got {images.dtype} {images.shape}")
+        try:
+            check_batch(images.dtype, images.shape)
+        except BatchError as e:
+            raise BackendError(str(e)) from None
         if self.max_batch is None or len(images) <= self.max_batch:
             return self.run(images)
-        return np.concatenate([self.run(images[i:i + self.max_batch])
-                               for i in range(0, len(images), self.max_batch)])
+        return np.concatenate([self.run(images[rows]) for rows in chunks(len(images), self.max_batch)])
 
     def warmup(self, sizes=(1, 64)):
         for n in sizes:
-            self(np.zeros((n, 32, 32, 3), np.uint8))
+            self(blank_images(n))
 
     def describe(self):
         return {"backend": self.name, "device": self.device, "precision": self.precision,
@@ -77,7 +80,7 @@ class TorchBackend(Backend):
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _ = load_classifier(Path(model_dir) / "checkpoint.pt", self.device)
+        model, _ = load_classifier(Path(model_dir) / CHECKPOINT_FILE, self.device)
         self.buckets, self.warmup_seconds, self.calls, self.compile_error = None, {}, None, None
         if not self.device.startswith("cuda"):
             torch.set_num_threads(cpu_threads())
@@ -118,9 +121,9 @@ class TorchBackend(Backend):
         rows = -(-n // self.chunk) * self.chunk
         if rows > self.capacity:
             torch, pinned = self.torch, self.device.startswith("cuda")
-            self.host_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8, pin_memory=pinned)
+            self.host_in = torch.empty((rows, *IMAGE_SHAPE), dtype=torch.uint8, pin_memory=pinned)
             self.host_out = torch.empty((rows, NUM_CLASSES), dtype=torch.float32, pin_memory=pinned)
-            self.device_in = torch.empty((rows, 32, 32, 3), dtype=torch.uint8, device=self.device)
+            self.device_in = torch.empty((rows, *IMAGE_SHAPE), dtype=torch.uint8, device=self.device)
             self.capacity = rows
 
     def run(self, images):
@@ -136,8 +139,8 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             np.copyto(self.host_in[:n].numpy(), images)
             self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
-            for start in range(0, n, self.chunk):
-                self.run_chunk(start, min(self.chunk, n - start))
+            for rows in chunks(n, self.chunk):
+                self.run_chunk(rows.start, rows.stop - rows.start)
             if self.device.startswith("cuda"):
                 torch.cuda.current_stream(self.device).synchronize()
         return self.host_out[:n].numpy().copy()
@@ -191,10 +194,10 @@ class OnnxBackend(Backend):
                 raise BackendError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
             log.warning("GPU present but this onnxruntime has no CUDAExecutionProvider; using the CPU")
             gpu = False
-        path = model_dir / "model.onnx"
+        path = model_dir / ONNX_FILE
         self.precision = "fp32"
-        if gpu and (model_dir / "model.fp16.onnx").is_file():
-            path, self.precision = model_dir / "model.fp16.onnx", "fp16"
+        if gpu and (model_dir / ONNX_FP16_FILE).is_file():
+            path, self.precision = model_dir / ONNX_FP16_FILE, "fp16"
         if not path.is_file():
             raise BackendError(f"no {path.name} in {model_dir}")
         if gpu and hasattr(ort, "preload_dlls"):
@@ -223,32 +226,31 @@ class OnnxBackend(Backend):
 
 def engine_mismatch(model_dir):
     """Why the TensorRT engine cannot run here (a string), or None when it fits this GPU."""
-    engine, meta_path = Path(model_dir) / "model.engine", Path(model_dir) / "model.engine.json"
-    if not engine.is_file() or not meta_path.is_file():
+    engine, info = Path(model_dir) / ENGINE_FILE, Path(model_dir) / ENGINE_INFO_FILE
+    if not engine.is_file() or not info.is_file():
         return "no TensorRT engine in the model"
-    from export.tensorrt import device_info, unavailable_reason
+    from serving.tensorrt import device_info, unavailable_reason
     if (why := unavailable_reason()) is not None:
         return why
-    meta = json.loads(meta_path.read_text())
+    built_for = json.loads(info.read_text())
     for key, value in device_info().items():
-        if str(meta.get(key)) != value:
-            return f"engine built for {key}={meta.get(key)}, this machine has {value}"
+        if str(built_for.get(key)) != value:
+            return f"engine built for {key}={built_for.get(key)}, this machine has {value}"
     return None
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
     device = "cuda"
-    precision = "fp16"
 
     def __init__(self, model_dir, device=None):
         if (why := engine_mismatch(model_dir)) is not None:
             raise BackendError(f"TensorRT backend unavailable: {why}")
-        from export.tensorrt import TensorRTRunner
+        from serving.tensorrt import TensorRTRunner
 
-        meta = json.loads((Path(model_dir) / "model.engine.json").read_text())
-        self.runner = TensorRTRunner(Path(model_dir) / "model.engine")
-        self.max_batch = int(meta["max_batch"])
+        info = json.loads((Path(model_dir) / ENGINE_INFO_FILE).read_text())
+        self.runner = TensorRTRunner(Path(model_dir) / ENGINE_FILE)
+        self.max_batch, self.precision = int(info["max_batch"]), info["precision"]
 
     def run(self, images):
         return np.asarray(self.runner(images), dtype=np.float32)
@@ -282,7 +284,7 @@ def fastest_backend(model_dir, device=None):
             candidates[kind] = make(model_dir, device)
         except Exception as e:   # a missing file or library, an engine for another GPU: say why, go on
             left_out[kind] = str(e).removeprefix("TensorRT backend unavailable: ")
-    batch = np.zeros((AUTO_BATCH[device.startswith("cuda")], 32, 32, 3), np.uint8)
+    batch = blank_images(AUTO_BATCH[device.startswith("cuda")])
     speed = {}
     for kind, backend in list(candidates.items()):
         try:

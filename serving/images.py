@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-SIZE = 32
+from training.contract import IMAGE_SIZE, BatchError, check_batch
+
 # Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
 Image.MAX_IMAGE_PIXELS = int(os.environ.get("CIFAR100_MAX_PIXELS", 40_000_000))
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -41,9 +42,9 @@ def decode_image(path, name):
     try:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
-            image.draft("RGB", (SIZE * 2, SIZE * 2))  # JPEG: decode at a reduced scale, much faster
+            image.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))  # JPEG: decode at a reduced scale, much faster
             image = to_rgb(ImageOps.exif_transpose(image))
-            array = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+            array = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{name}: image too large ({e})", 413) from None
     except Image.UnidentifiedImageError:
@@ -55,7 +56,7 @@ def decode_image(path, name):
 
 
 def read_npy(path, max_images):
-    """uint8 N×32×32×3 array from an .npy file, validated from its header before reading the data."""
+    """An image batch from an .npy file, validated against the contract from its header before reading the data."""
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -68,13 +69,10 @@ def read_npy(path, max_images):
             raise InputError(f"images: unreadable .npy header ({e})") from None
         if dtype.hasobject:
             raise InputError("images: .npy holds Python objects; send a plain uint8 array (pickles are refused)")
-        if dtype != np.uint8 or len(shape) != 4 or shape[1:] != (SIZE, SIZE, 3):
-            raise InputError(f"images: expected a uint8 array N×32×32×3 (NHWC, RGB), got {dtype} {shape}", 422)
-        if shape[0] == 0:
-            raise InputError("images: empty batch (0 images)")
-        if shape[0] > max_images:
-            raise InputError(f"images: {shape[0]} images exceed the limit of {max_images} per request "
-                             f"(CIFAR100_MAX_IMAGES); split the batch", 413)
+        try:
+            check_batch(dtype, shape, max_images, limit_name="CIFAR100_MAX_IMAGES")
+        except BatchError as e:
+            raise InputError(f"images: {e}", e.status) from None
         f.seek(0)
         try:  # a real file: numpy reads straight into the array, one copy
             images = np.load(f, allow_pickle=False)

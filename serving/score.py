@@ -26,9 +26,11 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
+from training import contract
+from training.contract import NUM_CLASSES, ONNX_FILE, BatchError, check_batch
 from training.files import atomic_path, write_json
 
-N_FILES, N_SEVERITIES, N_CLASSES = 19, 5, 100
+N_FILES, N_SEVERITIES = 19, 5       # the Kaggle layout: 19 corruptions, 5 severities each
 # The service is (re)starting, overloaded, or lost its model process for a moment: worth another try
 # (a chunk is idempotent, so sending it twice is harmless; every retry is reported).
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -61,8 +63,10 @@ def _check_images(images, where):
     if not isinstance(images, np.ndarray):
         getattr(images, "close", lambda: None)()
         raise ScoreError(f"{where}: not a single .npy array (an .npz archive?)")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ScoreError(f"{where}: expected uint8 N×32×32×3, got {images.dtype} {images.shape}")
+    try:
+        check_batch(images.dtype, images.shape)
+    except BatchError as e:
+        raise ScoreError(f"{where}: {e}") from None
 
 
 def open_ood_dir(ood_dir):
@@ -81,8 +85,8 @@ def open_ood_dir(ood_dir):
         except Exception as e:
             raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
         _check_images(images, path)
-        if len(images) == 0 or len(images) % N_SEVERITIES:
-            raise ScoreError(f"{path}: {len(images)} images is not a positive multiple of {N_SEVERITIES} "
+        if len(images) % N_SEVERITIES:
+            raise ScoreError(f"{path}: {len(images)} images is not a multiple of {N_SEVERITIES} "
                              "(one equal block per severity)")
         sources.append(Source(path.stem, images, path))
     return sources
@@ -112,8 +116,7 @@ def read_labels(path, total):
 
 def plan_chunks(sources, chunk_size):
     """(source index, start, stop) for every chunk, file by file, in submission order."""
-    return [(s, start, min(start + chunk_size, len(src.images)))
-            for s, src in enumerate(sources) for start in range(0, len(src.images), chunk_size)]
+    return [(s, rows.start, rows.stop) for s, src in enumerate(sources) for rows in contract.chunks(len(src.images), chunk_size)]
 
 
 class Progress:
@@ -261,8 +264,8 @@ class DirectScorer:
         if path.is_file():
             if path.suffix != ".onnx" or backend not in ("auto", "onnx"):
                 raise ScoreError(f"--direct {path}: a lone file must be an .onnx model (with --backend onnx or auto)")
-            with tempfile.TemporaryDirectory(prefix="score-direct-") as folder:   # backends read FOLDER/model.onnx
-                (Path(folder) / "model.onnx").symlink_to(path.resolve())
+            with tempfile.TemporaryDirectory(prefix="score-direct-") as folder:   # backends read a store entry
+                (Path(folder) / ONNX_FILE).symlink_to(path.resolve())
                 self.backend = self._load("onnx", folder, device)
         else:
             path = path if path.is_dir() else _store_entry(artifact)
@@ -289,6 +292,13 @@ class DirectScorer:
         return np.asarray(self.backend(images)).argmax(axis=1)
 
 
+def figures(images, seconds, complete, **extra):
+    """The scoring figures in one schema, for a finished run (--json) and for one cut short (bench/end_to_end.py
+    counts its saved chunks): images scored by this run, its seconds, img/s, and what else is known."""
+    return {"complete": complete, "images": int(images), "seconds": round(seconds, 3),
+            "img_per_s": images / seconds if seconds > 0 else 0.0, **extra}
+
+
 def score(sources, chunks, scorer, progress, in_flight=4):
     """Score every chunk not yet on disk, with up to `in_flight` at once; returns (labels, new images)."""
     sizes = [stop - start for _, start, stop in chunks]
@@ -300,8 +310,8 @@ def score(sources, chunks, scorer, progress, in_flight=4):
     def work(i):
         s, start, stop = chunks[i]
         result = scorer(np.ascontiguousarray(sources[s].images[start:stop]))
-        if result.shape != (stop - start,) or result.min() < 0 or result.max() >= N_CLASSES:
-            raise ScoreError(f"chunk {i}: expected {stop - start} class ids in 0..{N_CLASSES - 1}, "
+        if result.shape != (stop - start,) or result.min() < 0 or result.max() >= NUM_CLASSES:
+            raise ScoreError(f"chunk {i}: expected {stop - start} class ids in 0..{NUM_CLASSES - 1}, "
                              f"got shape {result.shape}")
         progress.save(i, result)
         return i, result
@@ -364,6 +374,7 @@ def main(argv=None):
                    help="first wait in seconds before a retry, doubled each time (default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="at most this many requests per second (default: no limit)")
+    p.add_argument("--json", help="also write the run's figures (images, seconds, img/s, accuracy, ...) to this file")
     a = p.parse_args(argv)
     for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight)):
         if value < 1:
@@ -408,13 +419,16 @@ def run(a):
     seconds = time.perf_counter() - start
     rows = write_csv(a.out, sources, chunks, labels)
     progress.remove()
-    resumed = total - new_images
+    result = figures(new_images, seconds, True, requests=scorer.requests, resumed=total - new_images, rows=rows,
+                     out=str(a.out), model=manifest["model"])
     print(f"scored {new_images} images in {scorer.requests} requests, {seconds:.1f} s "
-          f"({new_images / max(seconds, 1e-9):.0f} img/s)" + (f"; {resumed} resumed from {a.out}.parts" if resumed else ""))
+          f"({result['img_per_s']:.0f} img/s)" + (f"; {result['resumed']} resumed from {a.out}.parts" if result["resumed"] else ""))
     print(f"wrote {a.out} ({rows} rows)")
     if true_labels is not None:
-        predicted = np.concatenate(labels)
-        print(f"accuracy {float((predicted == true_labels).mean()):.4f} on {total} images")
+        result["accuracy"] = float((np.concatenate(labels) == true_labels).mean())
+        print(f"accuracy {result['accuracy']:.4f} on {total} images")
+    if a.json:
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Two services in one `bentoml serve`:
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
 as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere).
 
-Environment: CIFAR100_MODEL (default cifar100-classifier:latest), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
+Environment: CIFAR100_MODEL (default: the latest model of the store's MODEL_NAME), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
 CIFAR100_MAX_BATCH_SIZE (images per model call, 1024), CIFAR100_MAX_LATENCY_MS (30000: requests waiting
 longer are refused with 503), CIFAR100_MAX_IMAGES (images per request, 4096), CIFAR100_MAX_BODY_MB (64),
 CIFAR100_WORKERS (front processes, 1), CIFAR100_MAX_PIXELS (per uploaded image, 40M).
@@ -34,12 +34,13 @@ from starlette.routing import Route
 from serving import bentoml_fixes
 from serving.backends import load_backend
 from serving.images import InputError, decode_image, read_npy
+from training.contract import MODEL_NAME, blank_images
 
 bentoml_fixes.apply()   # before BentoML builds the apps of this module's services
 
 log = logging.getLogger("bentoml.service")
 
-MODEL_TAG = os.environ.get("CIFAR100_MODEL", "cifar100-classifier:latest")
+MODEL_TAG = os.environ.get("CIFAR100_MODEL", f"{MODEL_NAME}:latest")
 if ":" not in MODEL_TAG:
     MODEL_TAG += ":latest"
 BACKEND = os.environ.get("CIFAR100_BACKEND", "auto")
@@ -229,7 +230,7 @@ class Classifier:
             try:
                 if not hasattr(self.model, "to_async") or await self.model.to_async.is_ready(timeout=5):
                     await self._class_names()
-                    blank = np.zeros((1, 32, 32, 3), np.uint8)
+                    blank = blank_images(1)
                     for _ in range(WARMUP_REQUESTS):
                         for api in ("predict", "predict_decoded"):
                             await self._predict(blank, api)

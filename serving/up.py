@@ -14,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training.contract import IMAGE_SHAPE, MODEL_NAME
+
 REPO = Path(__file__).resolve().parents[1]
-MODEL_NAME = "cifar100-classifier"
 
 
 def parse_args(argv=None):
@@ -105,7 +106,7 @@ def main(argv=None):
     print(f"\nstarting {tag} at {url} (backend {env.get('CIFAR100_BACKEND', 'auto')}); try, once /readyz answers:\n"
           f"  curl -s {url}/info\n"
           f"  curl -s -F images=@some_picture.jpg {url}/classify\n"
-          f"  python -c \"import numpy as np; np.save('x.npy', np.zeros((8, 32, 32, 3), np.uint8))\" && "
+          f"  python -c \"import numpy as np; np.save('x.npy', np.zeros((8, {', '.join(map(str, IMAGE_SHAPE))}), np.uint8))\" && "
           f"curl -s -F images=@x.npy {url}/classify_batch\n", flush=True)
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
     os.execvpe(bentoml, [bentoml, "serve", "serving.service:Classifier", "--host", args.host,

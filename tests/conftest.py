@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny exported model in a temporary BentoML store, and real `bentoml serve` processes.
 
-    model_store   (session) BENTOML_HOME holding `cifar100-classifier` made from an untrained Part 1 model
+    model_store   (session) BENTOML_HOME holding one model made from a random-weight Part 1 model
                   (checkpoint.pt + model.onnx, exported with export.onnx / export.bento)
     model_dir     (session) that store entry's folder
     start_server  (module)  start_server(env={...}) -> "http://127.0.0.1:PORT", a real `bentoml serve` of
@@ -14,35 +14,30 @@ from pathlib import Path
 import pytest
 
 from serving.local_server import LocalServer
+from training.contract import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
-# In a subprocess so that BENTOML_HOME is read fresh (bentoml caches its store location per process).
+# In a subprocess so that BENTOML_HOME is read fresh (bentoml caches its store location per process). The ONNX
+# check runs on one batch of 1 and no FP16 file is made: a fixture, not a test of the export.
 MAKE_STORE = """
 import sys
 from pathlib import Path
-import torch
-from training.checkpoint import checkpoint_state, load_classifier, save_checkpoint, sha256
-from training.models import build_classifier
-from training.recipes import Part1
 from export.onnx import export_checkpoint
 from export.bento import save_to_store
+from training.checkpoint import load_classifier, save_random_checkpoint, sha256
 
 out = Path(sys.argv[1])
-torch.manual_seed(0)
-checkpoint = out / "part1.pt"
-state = checkpoint_state(build_classifier(Part1()), Part1(), [f"class_{i}" for i in range(100)],
-                         metrics={"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.5})
-save_checkpoint(checkpoint, state)
-model, ckpt = load_classifier(checkpoint)
-export_checkpoint(model, ckpt, sha256(checkpoint), out, sizes=(1,))
-print(save_to_store(checkpoint, out).path)
+checkpoint = save_random_checkpoint(out / "part1.pt", "part1")
+(model, ckpt), digest = load_classifier(checkpoint), sha256(checkpoint)
+written = export_checkpoint(model, ckpt, digest, out, sizes=(1,))
+print(save_to_store(checkpoint, ckpt, digest, written.values()).path)
 """
 
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
-    """BENTOML_HOME (a Path) with one tiny `cifar100-classifier` model in its store."""
+    """BENTOML_HOME (a Path) with one tiny model in its store."""
     root = tmp_path_factory.mktemp("bentoml")
     home, artifacts = root / "home", root / "artifacts"
     artifacts.mkdir()
@@ -56,7 +51,7 @@ def model_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_dir(model_store):
     """The store entry's folder: checkpoint.pt, model.onnx, model.yaml."""
-    (path,) = (model_store / "models" / "cifar100-classifier").glob("*/model.yaml")
+    (path,) = (model_store / "models" / MODEL_NAME).glob("*/model.yaml")
     return path.parent
 
 

@@ -67,7 +67,7 @@ def test_bad_kind_and_bad_input(model_dir):
     with pytest.raises(BackendError, match="unknown backend 'jax'"):
         load_backend("jax", model_dir)
     backend = load_backend("onnx", model_dir)
-    with pytest.raises(BackendError, match="expected uint8 N×32×32×3"):
+    with pytest.raises(BackendError, match="expected an array of uint8 N×32×32×3"):
         backend(np.zeros((2, 32, 32, 3), np.float32))
 
 

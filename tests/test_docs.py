@@ -6,6 +6,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def help_text(target, argv):
         out, saved = io.StringIO(), sys.argv
         sys.argv = [target, *argv, "--help"]
         try:
-            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # runpy: the module was imported before
                 if target.endswith(".py"):
                     runpy.run_path(str(ROOT / target), run_name="__main__")
                 else:

@@ -14,24 +14,22 @@ import onnx
 import pytest
 import torch
 
-from export.bento import artifact_files
-from export.onnx import ExportError, export_checkpoint, ort_session, random_batches, read_metadata, verify
-from export.tensorrt import unavailable_reason
-from training.checkpoint import checkpoint_state, load_classifier, save_checkpoint, sha256
+from export.bento import find_artifacts
+from export.onnx import (Artifact, ExportError, allowed_flips, compare, export_checkpoint, ort_session, random_batches,
+                         read_metadata, verify)
+from serving.tensorrt import unavailable_reason
+from training.checkpoint import load_checkpoint, load_classifier, save_random_checkpoint, sha256
 from training.models import build_classifier
-from training.recipes import Part1, Part3
+from training.recipes import Part1
+from training.synthetic import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = [f"class_{i:02d}" for i in range(100)]
 TRT_SKIP = unavailable_reason()
+METRICS = {"epoch": 3, "val_acc": 0.41, "val_loss": 2.5, "test_acc": 0.4}   # made up: does provenance flow?
 
 
-def make_checkpoint(path, recipe, seed=0):
-    torch.manual_seed(seed)
-    model = build_classifier(recipe, pretrained=False)
-    save_checkpoint(path, checkpoint_state(model, recipe, CLASSES, metrics={
-        "epoch": 3, "val_acc": 0.41, "val_loss": 2.5, "test_acc": 0.4}))
-    return path
+def make_checkpoint(path, part, seed=0, **overrides):
+    return save_random_checkpoint(path, part, seed, metrics=METRICS, **overrides)
 
 
 def run_cli(*args, env=None):
@@ -40,22 +38,23 @@ def run_cli(*args, env=None):
 
 
 class Exported:
-    def __init__(self, root, recipe, sizes):
-        self.checkpoint = make_checkpoint(root / f"{recipe.name}.pt", recipe)
+    def __init__(self, root, part, sizes, **overrides):
+        self.checkpoint = make_checkpoint(root / f"{part}.pt", part, **overrides)
         self.model, self.ckpt = load_classifier(self.checkpoint)
         self.out = root / "artifacts"
-        written = export_checkpoint(self.model, self.ckpt, sha256(self.checkpoint), self.out, fp16=True, sizes=sizes)
-        (self.fp32, self.fp32_report), (self.fp16, self.fp16_report) = written["fp32"], written["fp16"]
+        self.written = export_checkpoint(self.model, self.ckpt, sha256(self.checkpoint), self.out, fp16=True, sizes=sizes)
+        self.fp32, self.fp16 = self.written["fp32"].path, self.written["fp16"].path
+        self.fp32_report, self.fp16_report = (self.written[p].info["parity"] for p in ("fp32", "fp16"))
 
 
 @pytest.fixture(scope="session")
 def part1(tmp_path_factory):
-    return Exported(tmp_path_factory.mktemp("part1"), Part1(), sizes=(1, 7, 64))
+    return Exported(tmp_path_factory.mktemp("part1"), "part1", sizes=(1, 7, 64))
 
 
 @pytest.fixture(scope="session")
 def resnet50(tmp_path_factory):
-    return Exported(tmp_path_factory.mktemp("part3"), Part3(weights="none", resolution=64), sizes=(1, 7))
+    return Exported(tmp_path_factory.mktemp("part3"), "part3", sizes=(1, 7), resolution=64)
 
 
 def logits(model, images):
@@ -87,7 +86,8 @@ def test_onnx_files_follow_the_contract(which, request):
         assert (in_name, in_type, in_dims[1:]) == ("images", onnx.TensorProto.UINT8, [32, 32, 3])
         assert (out_name, out_type, out_dims[1:]) == ("logits", onnx.TensorProto.FLOAT, [100])
         assert isinstance(in_dims[0], str) and in_dims[0] == out_dims[0]  # one symbolic batch dimension
-        assert sorted(os.listdir(path.parent)) == sorted([exported.fp32.name, exported.fp16.name])  # no side files
+        files = [exported.fp32.name, exported.fp16.name]   # and their sidecars, nothing else
+        assert sorted(os.listdir(path.parent)) == sorted(files + [f + ".json" for f in files])
     model = onnx.load(str(exported.fp32))
     weights = sum(p.numel() for p in exported.model.parameters())
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
@@ -157,6 +157,13 @@ def test_fp16_agrees_with_pytorch(which, request):
     assert np.abs(half - expected).max() < 0.05 * np.abs(expected).max()
 
 
+def test_reduced_precision_may_flip_one_percent_of_near_ties_and_at_least_one():
+    assert [allowed_flips(n) for n in (7, 72, 99, 100, 512)] == [1, 1, 1, 1, 5]
+    reference = np.eye(4, dtype=np.float32)
+    assert compare(reference, reference[[0, 1, 3, 2]]) == {
+        "images": 4, "max_abs_diff": 1.0, "top1_agreement": 0.5, "top1_flips": 2}
+
+
 def test_verification_fails_for_a_different_model(part1):
     torch.manual_seed(1)
     other = build_classifier(Part1(), pretrained=False).eval()
@@ -171,6 +178,8 @@ def test_metadata_round_trip(which, request):
     exported = request.getfixturevalue(which)
     for path, precision in ((exported.fp32, "fp32"), (exported.fp16, "fp16")):
         meta = read_metadata(path)
+        sidecar = Artifact.load(path).info
+        assert sidecar == {**meta, "parity": sidecar["parity"]} and sidecar["parity"]["provider"] == "CPUExecutionProvider"
         assert meta["classes"] == CLASSES
         assert meta["part"] == exported.ckpt["recipe"]["name"] and meta["arch"] == exported.ckpt["recipe"]["arch"]
         assert meta["recipe"] == exported.ckpt["recipe"]
@@ -201,7 +210,7 @@ def test_cli_tensorrt_says_why_it_cannot_build(part1):
 
 
 def test_cli_all_exports_and_saves_to_the_bentoml_store(tmp_path):
-    checkpoint = make_checkpoint(tmp_path / "best.pt", Part1(), seed=3)
+    checkpoint = make_checkpoint(tmp_path / "best.pt", "part1", seed=3)
     env = {"BENTOML_HOME": str(tmp_path / "bentoml")}  # the store lives in the tmp dir, not ~/bentoml
     result = run_cli("all", "--checkpoint", checkpoint, "--out", tmp_path / "artifacts", "--opt-batch", "16",
                      "--max-batch", "64", env=env)
@@ -232,29 +241,56 @@ def test_cli_all_exports_and_saves_to_the_bentoml_store(tmp_path):
 
 
 def test_bento_refuses_artifacts_of_another_checkpoint(part1, tmp_path):
-    assert set(artifact_files(part1.out, "part1", sha256(part1.checkpoint))) == {"model.onnx", "model.fp16.onnx"}
+    found = find_artifacts(part1.out, "part1", sha256(part1.checkpoint))
+    assert [a.path for a in found] == [part1.fp32, part1.fp16] and found[1].info == part1.written["fp16"].info
     with pytest.raises(ExportError, match="exported from another checkpoint"):
-        artifact_files(part1.out, "part1", "0" * 64)
+        find_artifacts(part1.out, "part1", "0" * 64)
     with pytest.raises(ExportError, match="run `python -m export onnx` first"):
-        artifact_files(tmp_path, "part1", sha256(part1.checkpoint))
+        find_artifacts(tmp_path, "part1", sha256(part1.checkpoint))
+    (tmp_path / "part1.onnx").write_bytes(part1.fp32.read_bytes())   # exported by an older version: no sidecar
+    with pytest.raises(ExportError, match="no part1.onnx.json next to .*export it again"):
+        find_artifacts(tmp_path, "part1", sha256(part1.checkpoint))
+
+
+def test_the_store_step_reads_sidecars_not_onnx_files(part1, tmp_path, monkeypatch):
+    from export.__main__ import parse_args, run
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("an ONNX file was parsed again")
+    monkeypatch.setattr(onnx, "load", no_parsing)
+    monkeypatch.setattr(onnx, "load_model", no_parsing)
+    calls = []
+    monkeypatch.setattr("export.bento.save_to_store", lambda *args: calls.append(args))
+    run(parse_args(["bento", "--checkpoint", str(part1.checkpoint), "--artifacts", str(part1.out)]))
+    (checkpoint, ckpt, digest, artifacts, name), = calls
+    assert digest == sha256(part1.checkpoint) and [a.path for a in artifacts] == [part1.fp32, part1.fp16]
+
+
+def test_random_checkpoint_records_no_accuracy(tmp_path):
+    result = run_cli("random", "--part", "part3", "--resolution", "64", "--out", tmp_path / "r.pt")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(tmp_path / "r.pt")
+    assert ckpt["recipe"]["name"] == "part3" and ckpt["recipe"]["weights"] == "none"
+    assert ckpt["recipe"]["resolution"] == 64 and ckpt["metrics"] == {"epoch": 0}
 
 
 # --- TensorRT (needs the tensorrt package and a CUDA GPU) ----------------------------------------
 
 @pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_SKIP}")
 def test_tensorrt_engine_build_and_parity(part1, tmp_path):
-    from export.tensorrt import TensorRTRunner, build_engine, tensorrt_major
+    from export.tensorrt import build_engine, tensorrt_major
+    from serving.tensorrt import TensorRTRunner
 
-    source = part1.fp16 if tensorrt_major() >= 11 else part1.fp32
+    source = part1.written["fp16" if tensorrt_major() >= 11 else "fp32"]
     engine = tmp_path / "part1.engine"
-    info = build_engine(source, engine, min_batch=1, opt_batch=16, max_batch=64)
+    info = build_engine(source, engine, min_batch=1, opt_batch=16, max_batch=64).info
     stored = json.loads((tmp_path / "part1.engine.json").read_text())
-    assert stored == json.loads(json.dumps(info))
+    assert stored == json.loads(json.dumps(info)) and stored["precision"] == source.info["precision"]
     assert {"tensorrt_version", "gpu_name", "compute_capability", "min_batch", "opt_batch", "max_batch"} <= stored.keys()
     assert (stored["min_batch"], stored["opt_batch"], stored["max_batch"]) == (1, 16, 64)
     assert stored["checkpoint_sha256"] == sha256(part1.checkpoint) and stored["parity"]["top1_agreement"] >= 0.99
     runner = TensorRTRunner(engine)
-    session = ort_session(source)
+    session = ort_session(source.path)
     for images in random_batches((1, 7, 64, 150)):  # 150 > max batch: split into engine-sized chunks
         got, expected = runner(images), session.run(None, {"images": images})[0]
         assert got.shape == (len(images), 100) and got.dtype == np.float32

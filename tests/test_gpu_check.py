@@ -1,6 +1,6 @@
 """bench/gpu_check.sh and bench/end_to_end.py without a GPU (seconds): the wheel list, the time-boxed stages,
 the OOD set it writes, and the numbers it reports. The whole dry run (about 3.5 min on 2 cores) is
-`IMAGES=5000 RESOLUTION=32 bash bench/gpu_check.sh`, run by hand: too slow for the suite."""
+`bash bench/gpu_check.sh --images 5000 --resolution 32`, run by hand: too slow for the suite."""
 import importlib.util
 import json
 import os
@@ -92,15 +92,18 @@ def test_the_ood_set_is_what_the_scoring_client_takes(tmp_path):
 
 
 def test_scoring_rates_from_a_finished_and_a_cut_short_run(tmp_path):
-    done = e2e.score_result("ok", "...\nscored 4940 images in 19 requests, 23.8 s (207 img/s)\n", tmp_path / "x.csv", 25)
-    assert done == {"complete": True, "images": 4940, "requests": 19, "seconds": 23.8, "img_per_s": 207.0,
-                    "process_seconds": 25}
+    from serving.score import figures
+    (tmp_path / "x.json").write_text(json.dumps(figures(4940, 23.8, True, requests=19)))
+    done = e2e.score_result("ok", tmp_path / "x.json", tmp_path / "x.csv", 25)
+    assert done == {"complete": True, "images": 4940, "requests": 19, "seconds": 23.8,
+                    "img_per_s": pytest.approx(4940 / 23.8), "process_seconds": 25}
     parts = tmp_path / "cut.csv.parts"
     parts.mkdir()
     for i in range(3):
         np.save(parts / f"chunk{i:06d}.npy", np.full(4, i, np.uint8))
-    cut = e2e.score_result("timed", "", tmp_path / "cut.csv", 2.0)
+    cut = e2e.score_result("timed", tmp_path / "cut.json", tmp_path / "cut.csv", 2.0)
     assert cut["complete"] is False and cut["images"] == 12 and cut["img_per_s"] == 6.0
+    assert cut.keys() == done.keys() - {"requests"}   # one schema
 
 
 def test_service_and_direct_labels_are_compared_chunk_by_chunk(tmp_path):
@@ -118,18 +121,22 @@ def test_service_and_direct_labels_are_compared_chunk_by_chunk(tmp_path):
     assert e2e.agreement(a, {}) is None
 
 
-BENCH_OUTPUT = """backend          device precision           batch   ms/batch      img/s iters max|diff|  top1%
----------------------------------------------------------------------------------------------------
-torch-eager      cuda   fp32                    1       3.10        323    50  0.00e+00  100.0
-torch-eager      cuda   fp32                  256      34.00       7529    30  2.10e-05  100.0
-torch-eager      cuda   fp16+channels_last    256      15.30      16732    30  1.20e-02   99.6
-2026-11-27 06:56:44,920 INFO bench: skipping TensorRT: no engine (python -m export tensorrt)
-served-torch     cuda   fp16+compile          256      15.00      17067    30  1.20e-02   99.6
-"""
+def bench_json(path):
+    """What bench/backends.py --json writes, a failed row included."""
+    def row(backend, precision, batch, ms, img_per_s, diff, agree):
+        return {"backend": backend, "device": "cuda", "precision": precision, "batch": batch, "iters": 30,
+                "ms_per_batch": ms, "img_per_s": img_per_s, "max_abs_diff": diff, "top1_agree": agree}
+    results = [row("torch-eager", "fp32", 1, 3.1, 323, 0.0, 1.0), row("torch-eager", "fp32", 256, 34.0, 7529, 2.1e-5, 1.0),
+               row("torch-eager", "fp16+channels_last", 256, 15.3, 16732, 0.012, 0.996),
+               {"backend": "onnxruntime", "device": "cuda", "precision": "fp16", "batch": 256, "error": "RuntimeError"},
+               row("served-torch", "fp16+compile", 256, 15.0, 17067, 0.012, 0.996)]
+    path.write_text(json.dumps({"machine": {}, "results": results}))
+    return path
 
 
 def test_the_table_answers_the_questions(tmp_path):
-    raw = e2e.bench_rows(BENCH_OUTPUT)
+    raw = e2e.bench_rows(bench_json(tmp_path / "backends.json"))
+    assert e2e.bench_rows(tmp_path / "missing.json") == []
     assert [(r["backend"], r["precision"], r["batch"]) for r in raw] == [
         ("torch-eager", "fp32", 1), ("torch-eager", "fp32", 256), ("torch-eager", "fp16+channels_last", 256),
         ("served-torch", "fp16+compile", 256)]

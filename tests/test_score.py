@@ -89,10 +89,10 @@ def _object_array(path):
 
 MALFORMED = {
     "missing": (lambda p: p.unlink(), "lacks 1 of the 19 files: distortion07.npy"),
-    "float32": (lambda p: np.save(p, np.zeros((10, 32, 32, 3), np.float32)), "expected uint8 N×32×32×3"),
-    "shape": (lambda p: np.save(p, np.zeros((10, 32, 32), np.uint8)), "expected uint8 N×32×32×3"),
-    "not_multiple_of_5": (lambda p: np.save(p, np.zeros((12, 32, 32, 3), np.uint8)), "not a positive multiple of 5"),
-    "empty": (lambda p: np.save(p, np.zeros((0, 32, 32, 3), np.uint8)), "not a positive multiple of 5"),
+    "float32": (lambda p: np.save(p, np.zeros((10, 32, 32, 3), np.float32)), "expected an array of uint8 N×32×32×3"),
+    "shape": (lambda p: np.save(p, np.zeros((10, 32, 32), np.uint8)), "expected an array of uint8 N×32×32×3"),
+    "not_multiple_of_5": (lambda p: np.save(p, np.zeros((12, 32, 32, 3), np.uint8)), "not a multiple of 5"),
+    "empty": (lambda p: np.save(p, np.zeros((0, 32, 32, 3), np.uint8)), "empty batch (0 images)"),
     "not_npy": (lambda p: p.write_text("id,label\n"), "not a readable .npy array"),
     "pickled": (_object_array, "not a readable .npy array"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:500]), "not a readable .npy array"),

@@ -120,7 +120,7 @@ def test_classify_png_matches_the_model(server, direct):
     for p, expected in zip(predictions, probs):
         top5 = np.argsort(-expected)[:5].tolist()
         assert [t["class_id"] for t in p["top5"]] == top5 and p["class_id"] == top5[0]
-        assert p["class_name"] == f"class_{top5[0]}"
+        assert p["class_name"] == f"class_{top5[0]:02d}"
         assert abs(p["probability"] - expected[top5[0]]) < 1e-5 and "note" not in p
 
 
@@ -192,7 +192,7 @@ def truncated_npy():
 
 
 BAD_ARRAYS = {
-    "wrong shape": (npy(np.zeros((2, 28, 28, 3), np.uint8)), 422, "expected a uint8 array N×32×32×3"),
+    "wrong shape": (npy(np.zeros((2, 28, 28, 3), np.uint8)), 422, "expected an array of uint8 N×32×32×3"),
     "NCHW": (npy(np.zeros((2, 3, 32, 32), np.uint8)), 422, "(2, 3, 32, 32)"),
     "wrong dtype": (npy(np.zeros((2, 32, 32, 3), np.float32)), 422, "float32"),
     "python objects": (npy(np.array([{"x": 1}], dtype=object), allow_pickle=True), 400, "Python objects"),
@@ -288,6 +288,16 @@ def test_bentoml_build(model_store):
     manifest = (bento / "bento.yaml").read_text()  # models travel by reference, from the store into the image
     assert "tag: cifar100-classifier:" in manifest and "entry_service: Classifier" in manifest
     assert "bentoml==1.4.40" in (bento / "env" / "python" / "requirements.txt").read_text()
+    assert not (bento / "src" / "export").exists()
+    # The service, the PyTorch backend's checkpoint loading and the TensorRT runner import from the Bento alone.
+    code = ("import sys, serving.service, serving.tensorrt, training.checkpoint\n"
+            "ours = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('serving', 'training', 'export')]\n"
+            "print('\\n'.join(ours))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=bento / "src", capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(bento / "src"), "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = done.stdout.split()
+    assert files and all(f.startswith(str(bento / "src")) for f in files), files
 
 
 # ---- the main job: python -m serving.up ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from .files import atomic_path
 from .models import build_classifier
-from .recipes import recipe_from_dict
+from .recipes import RECIPES, recipe_from_dict
 
 
 class CheckpointError(Exception):
@@ -54,6 +54,18 @@ def load_classifier(path, device="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the recipe's model: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
+
+
+def save_random_checkpoint(path, part="part1", seed=0, metrics=None, **overrides):
+    """A checkpoint of PART's model with random weights (nothing downloaded, nothing trained), for tests and
+    benchmarks, where the plumbing and the speed matter. It records no accuracy unless METRICS says one."""
+    from .synthetic import CLASSES
+
+    recipe = RECIPES[part](**{**overrides, "weights": "none"})
+    torch.manual_seed(seed)
+    model = build_classifier(recipe)
+    save_checkpoint(path, checkpoint_state(model, recipe, CLASSES, metrics={"epoch": 0, **(metrics or {})}))
+    return Path(path)
 
 
 def sha256(path):

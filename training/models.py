@@ -3,9 +3,8 @@
 from torch import nn
 from torchvision import models
 
+from .contract import NUM_CLASSES
 from .preprocess import Preprocess
-
-NUM_CLASSES = 100
 
 
 class SimpleCNN(nn.Module):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .contract import INPUT
+
 # Published CIFAR-100 training-set channel statistics (RGB, on [0, 1] pixels); we use these
 # fixed values rather than recomputing them so every artifact agrees bit for bit.
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -35,4 +37,4 @@ class Preprocess(nn.Module):
     def constants(self):
         """What a checkpoint or an exported artifact records about this step."""
         return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std),
-                "input": "uint8 N×32×32×3 (NHWC, RGB)"}
+                "input": INPUT}

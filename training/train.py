@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from .contract import IMAGE_SHAPE
 from .data import ImageDataset, build_transform, load_cifar100, split_train_val
 from .files import save_figure, write_json
 from .models import build_classifier
@@ -53,7 +54,7 @@ def find_batch_size(model, device, cap):
     model.eval()  # probe memory without touching BatchNorm statistics
     while size > 1:
         try:
-            images = torch.randint(0, 256, (size, 32, 32, 3), dtype=torch.uint8, device=device)
+            images = torch.randint(0, 256, (size, *IMAGE_SHAPE), dtype=torch.uint8, device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 model(images).float().sum().backward()
             break
