@@ -13,7 +13,7 @@ DEST=${1:-.whl}
 PY=${PYTHON:-python3}
 
 REQUIRED=(
-  bentoml a2wsgi aiohttp-asgi-connector aiosqlite annotated-types asgiref cattrs click-option-group httpx-ws
+  bentoml fastapi annotated-doc a2wsgi aiohttp-asgi-connector aiosqlite annotated-types asgiref cattrs click-option-group httpx-ws
   kantoku opentelemetry-api opentelemetry-sdk opentelemetry-instrumentation
   opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
   opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser pydantic pydantic-core

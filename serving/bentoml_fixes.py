@@ -1,52 +1,89 @@
-"""Two fixes for BentoML 1.4.40 (pinned), applied by serving/service.py before BentoML builds its ASGI apps.
+"""Every workaround for BentoML in one place, applied only on the version it was written and measured for.
 
-1. Memory. BentoML's TimeoutMiddleware (bentoml/_internal/server/http/traffic.py) starts a timer for every
-request with `loop.call_later(traffic timeout, ...)` and never cancels it. An asyncio timer keeps a copy of the
-request's contextvars, and with them the request's headers, response context, tracing spans and
-background tasks, until it fires: about 15 KB × requests/s × the timeout (300 s here) of memory. Measured
-with bench/soak.py: +130 MB over the first 5 minutes at 20 requests/s, then flat once the first timers
-fired. This version gives its timer an empty context and cancels it when the request is answered.
+On any other BentoML version `apply()` changes nothing and logs one warning naming both versions, and
+tests/test_bentoml_fixes.py fails, so that an upgrade is a conscious step: check each one below against the new
+version (docs/bentoml-workarounds.md gives the symptom, the measurement, the upstream issue and when it can go).
 
-2. Time. For every response BentoML derives the media type of an output such as np.ndarray from its
-JSON schema, which pydantic builds anew each time: 9% of the Model process's busy time on one-image
-/classify calls, about half of what the model itself took. A class's schema does not change: cached.
+1. Memory: TimeoutMiddleware's per-request timer kept the request's state alive for the traffic timeout.
+2. Time: the media type of every response was worked out from a JSON schema built anew each time.
+3. Time: Starlette spooled uploads over 1 MB to disk, one thread hop per 64 KB, before BentoML read them back.
+4. Errors: a pooled connection to a dependency could close under a call (`call_dependency` retries once).
+5. Documentation: the OpenAPI document gets the error answers and their schema (`document_errors`).
 """
 import asyncio
 import contextvars
+import logging
 
-from _bentoml_sdk import io_models
-from bentoml._internal.server.http import traffic
-from starlette.responses import JSONResponse
+import aiohttp
+import bentoml
+
+log = logging.getLogger("bentoml.service")
+TESTED_VERSION = "1.4.40"
+applied = False
+_error_answers = {}   # route -> {status: description}; `document_errors` fills it
 
 
-class TimeoutMiddleware(traffic.TimeoutMiddleware):
-    """504 when the app has not started its response within `timeout` seconds; nothing outlives the request."""
+def apply(max_body_bytes):
+    """Install the workarounds (before BentoML builds the apps); False, with one warning, on another version."""
+    global applied
+    if bentoml.__version__ != TESTED_VERSION:
+        log.warning("serving/bentoml_fixes.py was written for BentoML %s, this is %s: its workarounds are not applied "
+                    "(see docs/bentoml-workarounds.md before upgrading)", TESTED_VERSION, bentoml.__version__)
+        return False
+    from _bentoml_sdk import io_models
+    from _bentoml_sdk.service import openapi
+    from bentoml._internal.server.http import traffic
+    from starlette.formparsers import MultiPartParser
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        started = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, started, context=contextvars.Context())
+    if traffic.TimeoutMiddleware.__module__ != __name__:   # looked up when an app is built
+        traffic.TimeoutMiddleware = timeout_middleware(traffic.TimeoutMiddleware)
+    if not hasattr(io_models.IOMixin.mime_type, "uncached"):
+        io_models.IOMixin.mime_type = cached(io_models.IOMixin.mime_type.__func__)
+    MultiPartParser.spool_max_size = max_body_bytes   # bodies are capped at this size anyway
+    if not hasattr(openapi.generate_spec, "documents_errors"):
+        openapi.generate_spec = with_error_answers(openapi.generate_spec)
+    applied = True
+    return True
 
-        async def send_and_mark(message):
-            if not started.done():
-                started.set_result(None)
-            await send(message)
 
-        app = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
-        try:
-            await started
-        except asyncio.TimeoutError:
-            if app.cancel():
-                response = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
-                                        status_code=504)
-                await response(scope, receive, send)
-        else:
-            await app
-        finally:
-            timer.cancel()
+# 1 ------------------------------------------------------------------------------------------------------------
 
+def timeout_middleware(base):
+    class TimeoutMiddleware(base):
+        """504 when the app has not started its response within `timeout` seconds; nothing outlives the request:
+        the timer runs in an empty context (an asyncio timer keeps a copy of the context it was made in) and is
+        cancelled once the response has started."""
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] not in ("http", "websocket"):
+                return await self.app(scope, receive, send)
+            from starlette.responses import JSONResponse
+
+            loop = asyncio.get_running_loop()
+            started = loop.create_future()
+            timer = loop.call_later(self.timeout, self._set_timer_out, started, context=contextvars.Context())
+
+            async def send_and_mark(message):
+                if not started.done():
+                    started.set_result(None)
+                await send(message)
+
+            app = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
+            try:
+                await started
+            except asyncio.TimeoutError:
+                if app.cancel():
+                    response = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
+                                            status_code=504)
+                    await response(scope, receive, send)
+            else:
+                await app
+            finally:
+                timer.cancel()
+    return TimeoutMiddleware
+
+
+# 2 ------------------------------------------------------------------------------------------------------------
 
 def cached(mime_type):
     """IOMixin.mime_type, computed once per (class, media_type) instead of once per response."""
@@ -61,8 +98,46 @@ def cached(mime_type):
     return classmethod(cached_mime_type)
 
 
-def apply():
-    """Install both (BentoML looks the middleware class up when it builds an app)."""
-    traffic.TimeoutMiddleware = TimeoutMiddleware
-    if not hasattr(io_models.IOMixin.mime_type, "uncached"):
-        io_models.IOMixin.mime_type = cached(io_models.IOMixin.mime_type.__func__)
+# 4 ------------------------------------------------------------------------------------------------------------
+
+async def call_dependency(call, *args):
+    """await call(*args), once more on a fresh connection when the pooled one closed under it: BentoML's client
+    keeps idle connections to a dependency for 15 s, the dependency's server closes them after 5 s (bentoml#4971).
+    Only for idempotent calls."""
+    try:
+        return await call(*args)
+    except (aiohttp.ClientConnectionError, RuntimeError) as e:
+        if not applied or isinstance(e, RuntimeError) and "Connection closed" not in str(e):
+            raise
+        log.warning("connection to a dependency dropped (%s); retrying once", type(e).__name__)
+        return await call(*args)
+
+
+# 5 ------------------------------------------------------------------------------------------------------------
+
+def document_errors(route, answers):
+    """Add {status: description} answers, with the body {"error": "..."}, to ROUTE's entry in the OpenAPI document
+    (BentoML documents only its own 400, 404 and 500)."""
+    _error_answers[route] = answers
+
+
+def with_error_answers(generate_spec):
+    def generate(svc, **kwargs):
+        from bentoml._internal.service.openapi.specification import MediaType, Reference, Response, Schema
+
+        spec = generate_spec(svc, **kwargs)
+        for route, answers in _error_answers.items():
+            item = spec.paths.get(route)
+            operation = item and (item.post or item.get)
+            if not operation:
+                continue
+            for status, description in answers.items():
+                operation["responses"][status] = Response(description=description, content={
+                    "application/json": MediaType(schema=Reference("#/components/schemas/Error"))})
+        if _error_answers:
+            spec.components.setdefault("schemas", {})["Error"] = Schema(
+                type="object", title="Error", required=["error"],
+                properties={"error": Schema(type="string", description="what was wrong, in words")})
+        return spec
+    generate.documents_errors = True
+    return generate

@@ -20,23 +20,19 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
 import anyio
 import bentoml
+import fastapi
 import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.applications import Starlette
-from starlette.formparsers import MultiPartParser
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
 
 from serving import bentoml_fixes
+from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
 from serving.backends import load_backend
 from serving.images import InputError, decode_image, read_npy
 from training.contract import MODEL_NAME, blank_images
-
-bentoml_fixes.apply()   # before BentoML builds the apps of this module's services
 
 log = logging.getLogger("bentoml.service")
 
@@ -49,10 +45,7 @@ MAX_LATENCY_MS = int(os.environ.get("CIFAR100_MAX_LATENCY_MS", 30000))
 MAX_IMAGES = int(os.environ.get("CIFAR100_MAX_IMAGES", 4096))
 MAX_BODY_BYTES = int(float(os.environ.get("CIFAR100_MAX_BODY_MB", 64)) * 2**20)
 WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
-# Starlette spools an upload over 1 MB to a temp file, one worker-thread hop per 64 KB chunk (parsing a 3 MB
-# upload: 12 ms of CPU, 5.5 ms in memory). Bodies are capped at MAX_BODY_BYTES, and BentoML reads each file
-# into memory anyway (to write its own temp file for a `Path` parameter).
-MultiPartParser.spool_max_size = MAX_BODY_BYTES
+bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this module's services
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
 
 
@@ -174,21 +167,38 @@ def error(e):
     return JSONResponse({"error": str(e)}, status_code=e.status)
 
 
+def answer(model):
+    """A validated answer as JSON, serialised by pydantic-core: for 1,024 × 100 probabilities 13 ms, against 63 ms
+    for json.dumps in Starlette's JSONResponse (or BentoML's own output path, which would validate it again)."""
+    return Response(model.model_dump_json(exclude_none=True), media_type="application/json")
+
+
 def softmax(logits):
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)
 
 
-async def info_endpoint(request):
+# API methods are POST-only in BentoML: GET routes live in a FastAPI app mounted under the service (BentoML puts
+# a mounted FastAPI app's routes into its OpenAPI document).
+routes = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@routes.get("/info", response_model=InfoAnswer, tags=["Service APIs"])
+async def info():
+    """The served model (tag and metadata: part, classes, accuracy, artifacts), the backend, device and precision,
+    how `auto` chose the backend, the batching settings and the model's call statistics."""
     return JSONResponse(await bentoml.get_current_service().describe())
 
 
-# API methods are POST-only in BentoML; GET /info is a plain route in an app mounted under the service.
-info_app = Starlette(routes=[Route("/info", info_endpoint, methods=["GET"])])
+ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
+          413: "too many images, too many pixels, or too large a body",
+          503: "the model is busy: the request would wait too long"}
+bentoml_fixes.document_errors("/classify", ERRORS)
+bentoml_fixes.document_errors("/classify_batch", {**ERRORS, 422: "an array of the wrong dtype or shape"})
 
 
 @bentoml.service(traffic={"timeout": 300}, workers=WORKERS)
-@bentoml.asgi_app(info_app, path="/")
+@bentoml.asgi_app(routes, path="/")
 class Classifier:
     model = bentoml.depends(Model)
 
@@ -198,17 +208,8 @@ class Classifier:
     async def _call_model(self, api, *args):
         if not hasattr(self.model, "to_async"):  # in-process (unit tests)
             return await anyio.to_thread.run_sync(getattr(self.model, api), *args)
-        call = getattr(self.model.to_async, api)  # under `bentoml serve`: the Model process (through its batcher)
-        try:
-            return await call(*args)
-        except (aiohttp.ClientConnectionError, RuntimeError) as e:
-            # BentoML's client keeps idle connections to the Model worker for 15 s, the worker closes them
-            # after 5 s (bentoml#4971): a call can meet a connection closing under it. Every Model API is
-            # idempotent: once more on a fresh connection rather than a 500.
-            if isinstance(e, RuntimeError) and "Connection closed" not in str(e):
-                raise
-            log.warning("Model connection dropped (%s); retrying once", type(e).__name__)
-            return await call(*args)
+        # Under `bentoml serve`: the Model process, through its batcher. Every Model API is idempotent.
+        return await bentoml_fixes.call_dependency(getattr(self.model.to_async, api), *args)
 
     async def _predict(self, images, api="predict"):
         return await self._call_model(api, images)
@@ -258,20 +259,18 @@ class Classifier:
         return info
 
     @bentoml.api
-    async def classify_batch(self, images: Path, probabilities: bool = False) -> dict:
+    async def classify_batch(self, images: Path, probabilities: bool = False) -> BatchAnswer:
         """An .npy upload (uint8 N×32×32×3) -> {"class_ids": [N]} (+ "probabilities": N×100 on request)."""
         try:
             array = await anyio.to_thread.run_sync(read_npy, images, MAX_IMAGES)
         except InputError as e:
             return error(e)
         logits = await self._predict(array)
-        out = {"class_ids": logits.argmax(axis=1).tolist()}
-        if probabilities:
-            out["probabilities"] = softmax(logits).tolist()
-        return JSONResponse(out)   # as is: BentoML's own output path validates and re-serialises the dict
+        return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
+                                  probabilities=softmax(logits).tolist() if probabilities else None))
 
     @bentoml.api
-    async def classify(self, images: list[Path]) -> dict:
+    async def classify(self, images: list[Path]) -> ClassifyAnswer:
         """Image files (any common format, size, mode) -> class id, name, probability and top-5 for each."""
         try:
             if not images:
@@ -286,10 +285,9 @@ class Classifier:
         classes = await self._class_names()
         predictions = []
         for p, (_, note) in zip(probs, decoded):
-            top5 = [{"class_id": int(c), "class_name": classes[c], "probability": float(p[c])}
-                    for c in np.argsort(-p)[:5]]
-            predictions.append({**top5[0], "top5": top5, **({"note": note} if note else {})})
-        return JSONResponse({"predictions": predictions})
+            top5 = [Candidate(class_id=c, class_name=classes[c], probability=p[c]) for c in np.argsort(-p)[:5]]
+            predictions.append(Prediction(**top5[0].model_dump(), top5=top5, note=note))
+        return answer(ClassifyAnswer(predictions=predictions))
 
 
 Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES)

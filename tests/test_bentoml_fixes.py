@@ -1,19 +1,60 @@
-"""serving/bentoml_fixes.py: the per-request timeout must not keep a finished request's state alive, and
-response media types are not worked out anew for every response."""
+"""serving/bentoml_fixes.py: applied only on the BentoML version it was written for; the per-request timeout must
+not keep a finished request's state alive; response media types are not worked out anew for every response; a
+call whose pooled connection closed is retried once."""
 import asyncio
 import contextvars
 import gc
+import logging
 import weakref
 
+import aiohttp
+import bentoml
 import numpy as np
+import pytest
 from _bentoml_sdk import io_models
 from _bentoml_sdk.io_models import IODescriptor
+from bentoml._internal.server.http import traffic
+from starlette.formparsers import MultiPartParser
 
 from serving import bentoml_fixes
-from serving.bentoml_fixes import TimeoutMiddleware
 
-BENTOML_TIMEOUT_MIDDLEWARE = TimeoutMiddleware.__bases__[0]   # BentoML's own, even after apply() replaced it
 REQUEST = contextvars.ContextVar("request")   # as BentoML keeps a request's context: in contextvars
+
+
+def bentoml_middleware():
+    """BentoML's own TimeoutMiddleware, even after apply() replaced it."""
+    cls = traffic.TimeoutMiddleware
+    while cls.__module__ == bentoml_fixes.__name__:
+        cls = cls.__bases__[0]
+    return cls
+
+
+OURS = bentoml_fixes.timeout_middleware(bentoml_middleware())
+
+
+def test_the_installed_bentoml_is_the_version_the_fixes_were_written_for():
+    # Fails after an upgrade: check each workaround (docs/bentoml-workarounds.md), then raise TESTED_VERSION.
+    assert bentoml.__version__ == bentoml_fixes.TESTED_VERSION
+
+
+def test_on_another_version_nothing_is_applied_and_one_warning_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(bentoml, "__version__", "1.9.0")
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
+    monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
+    monkeypatch.setattr(bentoml_fixes, "applied", False)
+    with caplog.at_level(logging.WARNING, logger="bentoml.service"):
+        assert bentoml_fixes.apply(64 * 2**20) is False
+    assert traffic.TimeoutMiddleware is bentoml_middleware() and MultiPartParser.spool_max_size == 1024 * 1024
+    (record,) = caplog.records
+    assert "written for BentoML 1.4.40, this is 1.9.0" in record.getMessage()
+
+
+def test_on_the_tested_version_everything_is_applied_once(monkeypatch):
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
+    monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
+    assert bentoml_fixes.apply(5 * 2**20) and bentoml_fixes.apply(5 * 2**20)
+    assert traffic.TimeoutMiddleware.__bases__ == (bentoml_middleware(),)   # wrapped once, not twice
+    assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
 
 
 class RequestState:
@@ -49,9 +90,9 @@ async def request_then_collect(middleware, app=answer, timeout=300):
 
 
 def test_bentoml_timer_keeps_the_request_alive_ours_does_not():
-    # If this first assertion fails, BentoML fixed its middleware and serving/bentoml_fixes.py can go.
-    assert asyncio.run(request_then_collect(BENTOML_TIMEOUT_MIDDLEWARE))[0]
-    alive, sent = asyncio.run(request_then_collect(TimeoutMiddleware))
+    # If this first assertion fails, BentoML fixed its middleware and this workaround can go.
+    assert asyncio.run(request_then_collect(bentoml_middleware()))[0]
+    alive, sent = asyncio.run(request_then_collect(OURS))
     assert not alive
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"ok"
 
@@ -66,7 +107,7 @@ def test_a_slow_app_still_gets_504():
             cancelled.append(True)
             raise
 
-    alive, sent = asyncio.run(request_then_collect(TimeoutMiddleware, slow, timeout=0.05))
+    alive, sent = asyncio.run(request_then_collect(OURS, slow, timeout=0.05))
     assert sent[0]["status"] == 504 and b"0.05 seconds" in sent[1]["body"]
     assert cancelled and not alive
 
@@ -74,11 +115,36 @@ def test_a_slow_app_still_gets_504():
 def test_media_types_are_worked_out_once_per_class(monkeypatch):
     def predict(self) -> np.ndarray: ...
     spec = IODescriptor.from_output(predict)   # what BentoML makes of Model.predict's return type
-    expected = io_models.IOMixin.mime_type.__func__(spec)
-    bentoml_fixes.apply()
+    expected = getattr(io_models.IOMixin.mime_type, "uncached", io_models.IOMixin.mime_type.__func__)(spec)
+    bentoml_fixes.apply(2**20)
     assert spec.mime_type() == expected == "application/json"
     calls = []
     monkeypatch.setattr(spec, "model_json_schema", classmethod(lambda cls, *a, **k: calls.append(1) or {}))
     assert spec.mime_type() == expected and calls == []   # from the cache: no schema built per response
     monkeypatch.setattr(spec, "media_type", "text/plain")  # a media type set later still counts
     assert spec.mime_type() == "text/plain"
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_call_whose_connection_closed_is_retried_once(monkeypatch, applied):
+    monkeypatch.setattr(bentoml_fixes, "applied", applied)
+    failures = [aiohttp.ServerDisconnectedError(), None, RuntimeError("Connection closed"), None]
+
+    async def call(x):   # each call's first try fails, as BentoML's two symptoms of a closed connection
+        if failure := failures.pop(0):
+            raise failure
+        return x * 2
+
+    async def twice():
+        return [await bentoml_fixes.call_dependency(call, 1), await bentoml_fixes.call_dependency(call, 2)]
+
+    if applied:
+        assert asyncio.run(twice()) == [2, 4] and not failures
+    else:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            asyncio.run(twice())
+
+    async def broken(x):
+        raise RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="something else"):   # other errors are not retried
+        asyncio.run(bentoml_fixes.call_dependency(broken, 1))

@@ -16,6 +16,7 @@ import requests
 import torch
 from PIL import Image
 
+from serving.answers import BatchAnswer, ClassifyAnswer, InfoAnswer
 from serving.images import to_rgb
 from training.checkpoint import load_classifier
 
@@ -75,6 +76,7 @@ def assert_alive(url):
 
 def test_info_and_probes(server):
     info = requests.get(f"{server}/info", timeout=10).json()
+    InfoAnswer.model_validate(info)   # what the OpenAPI document promises
     assert info["model"].startswith("cifar100-classifier:")
     assert (info["device"], info["precision"]) == ("cpu", "fp32")
     speed = info["auto"]["img_per_s"]   # CIFAR100_BACKEND unset: auto timed both CPU backends, serves the faster
@@ -92,6 +94,7 @@ def test_classify_batch_matches_the_model(request, which, direct):
     images = RNG.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     expected = direct(images)
     body = classify_batch(url, images, probabilities="true").json()
+    BatchAnswer.model_validate(body)
     assert body["class_ids"] == expected.argmax(1).tolist()
     np.testing.assert_allclose(body["probabilities"], softmax(expected), atol=1e-5)
     assert set(classify_batch(url, images[:3]).json()) == {"class_ids"}  # probabilities only on request
@@ -115,7 +118,9 @@ def test_python_client(server, direct, tmp_path):
 def test_classify_png_matches_the_model(server, direct):
     images = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     files = [("images", (f"{i}.png", image_bytes(Image.fromarray(a), "PNG"), "image/png")) for i, a in enumerate(images)]
-    predictions = requests.post(f"{server}/classify", files=files, timeout=60).json()["predictions"]
+    answer = requests.post(f"{server}/classify", files=files, timeout=60).json()
+    ClassifyAnswer.model_validate(answer)
+    predictions = answer["predictions"]
     probs = softmax(direct(images))
     for p, expected in zip(predictions, probs):
         top5 = np.argsort(-expected)[:5].tolist()
@@ -157,6 +162,27 @@ def test_16bit_is_scaled_not_clipped():
     assert np.asarray(to_rgb(gray16))[0, :, 0].tolist() == [0, 128, 255]
     transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert np.asarray(to_rgb(transparent)).tolist() == [[[255] * 3] * 2] * 2  # composited onto white
+
+
+def test_openapi_document_describes_answers_errors_and_info(server):
+    doc = requests.get(f"{server}/docs.json", timeout=10).json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema):
+        return schemas[schema["$ref"].split("/")[-1]] if "$ref" in schema else schema
+
+    for route, answer, errors in (("/classify", "predictions", {"400", "413", "503"}),
+                                  ("/classify_batch", "class_ids", {"400", "413", "422", "503"})):
+        responses = doc["paths"][route]["post"]["responses"]
+        assert answer in resolve(responses["200"]["content"]["application/json"]["schema"])["properties"]
+        assert errors <= responses.keys()
+        for status in errors:
+            assert resolve(responses[status]["content"]["application/json"]["schema"])["required"] == ["error"]
+    prediction = schemas["Prediction"]["properties"]
+    assert {"class_id", "class_name", "probability", "top5", "note"} <= prediction.keys()
+    info = doc["paths"]["/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert {"model", "metadata", "backend", "device", "precision", "batching", "stats"} <= resolve(info)["properties"].keys()
+    assert requests.get(f"{server}/", timeout=10).text.count("swagger") > 0   # the Swagger UI reads it
 
 
 # ---- bad input: a 4xx with a JSON message naming the problem, and the server stays up ------------------
