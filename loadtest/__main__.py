@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from serving.access import AccessError, bearer_headers
 from training.files import write_json
 
 from . import report
@@ -55,7 +56,7 @@ def seconds(text):
 
 def metrics_text(host):
     try:
-        response = requests.get(f"{host}/metrics", timeout=10)
+        response = requests.get(f"{host}/metrics", headers=bearer_headers(), timeout=10)
     except requests.RequestException:
         return ""
     return response.text if response.ok else ""
@@ -72,6 +73,16 @@ def wait_ready(host, timeout=10.0):
         if time.monotonic() > deadline:
             raise LoadTestError(f"no ready service at {host} (GET /readyz); start it with `bentoml serve` first")
         time.sleep(0.5)
+
+
+def check_access(host):
+    """A clear error now, rather than every request of the run failing with 401."""
+    try:
+        response = requests.get(f"{host}/info", headers=bearer_headers(), timeout=10)
+    except AccessError as e:
+        raise LoadTestError(str(e)) from None
+    if response.status_code == 401:
+        raise LoadTestError(f"{host} wants a token (HTTP 401): set CIFAR100_API_TOKEN or CIFAR100_API_TOKEN_FILE")
 
 
 def run_locust(a, users, out):
@@ -139,6 +150,7 @@ def main(argv=None):
     try:
         a.host = loopback_host(a.host)
         wait_ready(a.host)
+        check_access(a.host)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         summaries = [run_locust(a, u, out) for u in counts]

@@ -5,7 +5,8 @@
 
 Environment: LOADTEST_BATCH images per /classify_batch request (default 64); LOADTEST_DATA_DIR a
 CIFAR-100 folder to take the images from (default: training.synthetic images); LOADTEST_WAIT
-"MIN,MAX" seconds each user waits between requests (default 0.05,0.25).
+"MIN,MAX" seconds each user waits between requests (default 0.05,0.25); CIFAR100_API_TOKEN or
+CIFAR100_API_TOKEN_FILE when the service wants a token.
 """
 import io
 import os
@@ -15,9 +16,11 @@ import numpy as np
 from locust import HttpUser, between, events, tag, task
 from PIL import Image
 
+from serving.access import bearer_headers
 from training.contract import IMAGE_SHAPE, NUM_CLASSES
 
 BATCH = int(os.environ.get("LOADTEST_BATCH", "64"))
+HEADERS = bearer_headers()
 WAIT = [float(x) for x in os.environ.get("LOADTEST_WAIT", "0.05,0.25").split(",")]
 POOL = 256   # distinct images to draw from
 
@@ -67,6 +70,9 @@ class ImageUser(HttpUser):
     """A client uploading 1–8 PNG/JPEG files per request."""
     wait_time = between(*WAIT)
 
+    def on_start(self):
+        self.client.headers.update(HEADERS)
+
     @tag("images")
     @task
     def classify(self):
@@ -78,6 +84,9 @@ class ImageUser(HttpUser):
 class ArrayUser(HttpUser):
     """A batch client sending LOADTEST_BATCH uint8 images as one .npy array."""
     wait_time = between(*WAIT)
+
+    def on_start(self):
+        self.client.headers.update(HEADERS)
 
     @tag("batch")
     @task

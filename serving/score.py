@@ -26,6 +26,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
+from serving.access import AccessError, bearer_headers
 from training import contract
 from training.contract import NUM_CLASSES, ONNX_FILE, BatchError, check_batch
 from training.files import atomic_path, write_json
@@ -175,6 +176,10 @@ class ServiceScorer:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ScoreError(f"--url must look like http://HOST:PORT, got {url!r}")
+        try:   # the service's token, when it wants one: CIFAR100_API_TOKEN(_FILE), as the service reads it
+            self.headers = bearer_headers()
+        except AccessError as e:
+            raise ScoreError(str(e)) from None
         self.url, self.retries, self.backoff, self.timeout = url.rstrip("/"), retries, backoff, timeout
         self.interval = 1.0 / rate if rate else 0.0
         self.stop = threading.Event()
@@ -184,6 +189,7 @@ class ServiceScorer:
     def _session(self):   # requests.Session is not thread-safe: one per worker thread
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
+            self._local.session.headers.update(self.headers)
         return self._local.session
 
     def _wait_for_slot(self):
@@ -205,6 +211,10 @@ class ServiceScorer:
             except (requests.ConnectionError, requests.Timeout) as e:
                 problem = f"cannot reach {self.url} ({type(e).__name__})"
             else:
+                if response.status_code == 401:   # another try would not change the token
+                    how = "is CIFAR100_API_TOKEN the service's token?" if self.headers else \
+                        "set CIFAR100_API_TOKEN (or CIFAR100_API_TOKEN_FILE) to its token"
+                    raise ScoreError(f"{self.url} refused the request (HTTP 401: {_error_text(response)}): {how}")
                 if response.status_code not in RETRY_STATUS:
                     return response
                 problem = f"{self.url}{path} answered HTTP {response.status_code}: {_error_text(response)}"

@@ -11,7 +11,8 @@ as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere).
 Environment: CIFAR100_MODEL (default: the latest model of the store's MODEL_NAME), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
 CIFAR100_MAX_BATCH_SIZE (images per model call, 1024), CIFAR100_MAX_LATENCY_MS (30000: requests waiting
 longer are refused with 503), CIFAR100_MAX_IMAGES (images per request, 4096), CIFAR100_MAX_BODY_MB (64),
-CIFAR100_WORKERS (front processes, 1), CIFAR100_MAX_PIXELS (per uploaded image, 40M).
+CIFAR100_WORKERS (front processes, 1), CIFAR100_MAX_PIXELS (per uploaded image, 40M), CIFAR100_API_TOKEN or
+CIFAR100_API_TOKEN_FILE (require `Authorization: Bearer <token>`; serving/access.py).
 """
 import asyncio
 import logging
@@ -28,7 +29,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import JSONResponse, Response
 
-from serving import bentoml_fixes
+from serving import access, bentoml_fixes
 from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
 from serving.backends import load_backend
 from serving.images import InputError, decode_image, read_npy
@@ -45,6 +46,7 @@ MAX_LATENCY_MS = int(os.environ.get("CIFAR100_MAX_LATENCY_MS", 30000))
 MAX_IMAGES = int(os.environ.get("CIFAR100_MAX_IMAGES", 4096))
 MAX_BODY_BYTES = int(float(os.environ.get("CIFAR100_MAX_BODY_MB", 64)) * 2**20)
 WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
+API_TOKEN = access.api_token()   # None: anyone who reaches the port may call (serving/access.py)
 bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this module's services
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
 
@@ -100,12 +102,13 @@ class Model:
 
 
 class RequestGuard:
-    """Bad bodies get a JSON 4xx before BentoML parses them (BentoML answers 500 to a multipart body it cannot
-    parse): 413 over the size limit, by Content-Length and by the bytes received; 400 for multipart framing
-    errors, found by python-multipart's streaming parser as the chunks pass through (nothing is buffered)."""
+    """Requests are checked before BentoML reads them: 401 without the API token (when one is set; before the
+    body is read); then bad bodies get a JSON 4xx (BentoML answers 500 to a multipart body it cannot parse): 413
+    over the size limit, by Content-Length and by the bytes received; 400 for multipart framing errors, found by
+    python-multipart's streaming parser as the chunks pass through (nothing is buffered)."""
 
-    def __init__(self, app, max_bytes):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes, token=None):
+        self.app, self.max_bytes, self.token = app, max_bytes, token
 
     def too_big(self):
         return InputError(f"request body over the limit of {self.max_bytes} bytes (CIFAR100_MAX_BODY_MB)", 413)
@@ -114,6 +117,10 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if self.token and not access.open_path(scope["path"]):
+            if why := access.refusal(headers.get(b"authorization"), self.token):
+                return await JSONResponse({"error": why}, status_code=401, headers={
+                    "WWW-Authenticate": 'Bearer realm="cifar100"'})(scope, receive, send)
         try:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -290,4 +297,4 @@ class Classifier:
         return answer(ClassifyAnswer(predictions=predictions))
 
 
-Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES)
+Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, token=API_TOKEN)

@@ -1,6 +1,6 @@
 """The main job: a model in the BentoML store (training and exporting Part 1 if there is none), then the service.
 
-    python -m serving.up [--synthetic] [--port 3000] [--backend auto|torch|onnx|tensorrt]
+    python -m serving.up [--synthetic] [--host 127.0.0.1] [--port 3000] [--backend auto|torch|onnx|tensorrt]
 
 1. If the store (BENTOML_HOME, default ~/bentoml) has no `cifar100-classifier`: train Part 1 on CIFAR-100 in
    ./data (downloaded when reachable; --synthetic or CIFAR100_SYNTHETIC=1 generates a small offline set with
@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serving.access import AccessError, api_token
 from training.contract import IMAGE_SHAPE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m serving.up", description=__doc__.splitlines()[0])
     p.add_argument("--synthetic", action="store_true", default=os.environ.get("CIFAR100_SYNTHETIC") == "1",
                    help="offline smoke run: train on a small generated dataset (env CIFAR100_SYNTHETIC=1)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the interface to listen on (default %(default)s: this machine only; 0.0.0.0 exposes the "
+                        "service to the network: set CIFAR100_API_TOKEN then)")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default=None,
                    help="sets CIFAR100_BACKEND (default: $CIFAR100_BACKEND, else auto)")
@@ -96,6 +99,10 @@ def ensure_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        token = api_token()   # a bad token setting stops us before any training
+    except AccessError as e:
+        sys.exit(f"error: {e}")
     os.chdir(REPO)
     tag = ensure_model(args)
     env = dict(os.environ)
@@ -103,11 +110,20 @@ def main(argv=None):
         env["CIFAR100_BACKEND"] = args.backend
     env.setdefault("CIFAR100_MODEL", tag)
     url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
-    print(f"\nstarting {tag} at {url} (backend {env.get('CIFAR100_BACKEND', 'auto')}); try, once /readyz answers:\n"
-          f"  curl -s {url}/info\n"
-          f"  curl -s -F images=@some_picture.jpg {url}/classify\n"
-          f"  python -c \"import numpy as np; np.save('x.npy', np.zeros((8, {', '.join(map(str, IMAGE_SHAPE))}), np.uint8))\" && "
-          f"curl -s -F images=@x.npy {url}/classify_batch\n", flush=True)
+    auth = ' -H "Authorization: Bearer $CIFAR100_API_TOKEN"' if token else ""
+    if args.host in ("127.0.0.1", "localhost", "::1"):
+        reach = "listening on this machine only (--host 0.0.0.0 exposes it to the network)"
+    else:
+        reach = f"listening on {args.host}: reachable from the network, " + (
+            "callers need the token" if token else "with no token: anyone who reaches the port may call it")
+    shape = ", ".join(map(str, IMAGE_SHAPE))
+    print(f"\nstarting {tag} at {url} (backend {env.get('CIFAR100_BACKEND', 'auto')}), {reach}.\n"
+          f"Once /readyz answers, try:\n"
+          f"  curl -s{auth} {url}/info\n"
+          f"  curl -s{auth} -F images=@some_picture.jpg {url}/classify\n"
+          f"  python -c \"import numpy as np; np.save('x.npy', np.zeros((8, {shape}), np.uint8))\" && "
+          f"curl -s{auth} -F images=@x.npy {url}/classify_batch\n"
+          f"  the API's documentation: {url}/\n", flush=True)
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
     os.execvpe(bentoml, [bentoml, "serve", "serving.service:Classifier", "--host", args.host,
                          "--port", str(args.port)], env)

@@ -361,6 +361,7 @@ def test_up_synthetic_trains_exports_and_serves(tmp_path):
         output = (tmp_path / "up.log").read_text(errors="replace")
         assert process.poll() is None, output[-3000:]
         assert f"curl -s {url}/info" in output and "/classify_batch" in output
+        assert "listening on this machine only (--host 0.0.0.0 exposes it to the network)" in output
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["backend"] in ("onnx", "torch") and {"checkpoint.pt", "model.onnx"} <= set(info["metadata"]["artifacts"])
         assert info["metadata"]["test_acc"] > 0.3  # the smoke model really learned the generated classes
