@@ -23,7 +23,7 @@ import requests
 from serving.access import AccessError, bearer_headers
 from training.files import write_json
 
-from . import report
+from . import REFUSED, report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_USERS, MAX_SPAWN_RATE, MAX_SECONDS = 256, 100, 1800
@@ -109,6 +109,8 @@ def run_locust(a, users, out):
 
     stats = report.read_stats(f"{prefix}_stats.csv")
     total = stats.pop("Aggregated")
+    # Refusals (a busy service's 503 with Retry-After) are rows of their own, neither successes nor failures.
+    total["refused"] = sum(e["requests"] for name, e in stats.items() if name.endswith(REFUSED))
     if "/classify_batch" in stats and stats["/classify_batch"]["rps"] is not None:
         stats["/classify_batch"]["images_per_s"] = stats["/classify_batch"]["rps"] * a.batch
     summary = {"host": a.host, "users": users, "spawn_rate": spawn_rate, "run_time_s": a.run_time,

@@ -129,12 +129,12 @@ def plot_sweep(summaries, path, title):
 
 def table(summaries):
     """One printed row per run and endpoint, then the service's adaptive batches."""
-    head = f"{'users':>5} {'endpoint':<16} {'reqs':>7} {'fails':>5} {'req/s':>8} {'img/s':>8} " \
+    head = f"{'users':>5} {'endpoint':<32} {'reqs':>7} {'fails':>5} {'req/s':>8} {'img/s':>8} " \
            f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
     lines = [head, "-" * len(head)]
     for s in summaries:
         for name, e in [*s["endpoints"].items(), ("total", s["total"])]:
-            lines.append(f"{s['users']:>5} {name:<16} {e['requests']:>7} {e['failures']:>5} {_fmt(e['rps'], 8, 1)} "
+            lines.append(f"{s['users']:>5} {name:<32} {e['requests']:>7} {e['failures']:>5} {_fmt(e['rps'], 8, 1)} "
                          f"{_fmt(e.get('images_per_s'), 8, 0)} {_fmt(e['p50_ms'], 7, 0)} {_fmt(e['p95_ms'], 7, 0)} "
                          f"{_fmt(e['p99_ms'], 7, 0)}")
     for s in summaries:

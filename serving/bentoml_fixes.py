@@ -4,11 +4,19 @@ On any other BentoML version `apply()` changes nothing and logs one warning nami
 tests/test_bentoml_fixes.py fails, so that an upgrade is a conscious step: check each one below against the new
 version (docs/bentoml-workarounds.md gives the symptom, the measurement, the upstream issue and when it can go).
 
-1. Memory: TimeoutMiddleware's per-request timer kept the request's state alive for the traffic timeout.
+1. Memory: TimeoutMiddleware's per-request timer kept the request's state alive for the traffic timeout; and a
+   request whose handling failed before its response started went unanswered until that timeout.
 2. Time: the media type of every response was worked out from a JSON schema built anew each time.
 3. Time: Starlette spooled uploads over 1 MB to disk, one thread hop per 64 KB, before BentoML read them back.
 4. Errors: a pooled connection to a dependency could close under a call (`call_dependency` retries once).
-5. Documentation: the OpenAPI document gets the error answers and their schema (`document_errors`).
+5. Documentation: the OpenAPI document gets the error answers and their schema (`document_errors`), and other
+   request bodies an API takes (`document_raw_body`).
+6. Latency: the adaptive batcher held a lone request for the mean wait of recent requests, a figure its own
+   holding kept up: after bulk traffic a one-image request waited 0.2 to 2 s. It no longer holds requests while
+   the model is idle; requests still merge while the model is busy (as Triton's dynamic batcher with no queue
+   delay does).
+7. Logs: a request the batcher sheds (it would wait longer than max_latency_ms) was logged as an ERROR with a
+   traceback in the model's process; the front logs it as one WARNING line instead.
 """
 import asyncio
 import contextvars
@@ -21,6 +29,7 @@ log = logging.getLogger("bentoml.service")
 TESTED_VERSION = "1.4.40"
 applied = False
 _error_answers = {}   # route -> {status: description}; `document_errors` fills it
+_raw_bodies = {}      # route -> (content type, description); `document_raw_body` fills it
 
 
 def apply(max_body_bytes):
@@ -42,6 +51,12 @@ def apply(max_body_bytes):
     MultiPartParser.spool_max_size = max_body_bytes   # bodies are capped at this size anyway
     if not hasattr(openapi.generate_spec, "documents_errors"):
         openapi.generate_spec = with_error_answers(openapi.generate_spec)
+    from bentoml._internal.marshal import dispatcher
+    if not hasattr(dispatcher.Optimizer.trigger_refresh, "never_holds"):
+        dispatcher.Optimizer.trigger_refresh = never_holds(dispatcher.Optimizer.trigger_refresh)
+    shed_log = logging.getLogger("bentoml._internal.server.http_app")   # where BentoML logs a failed request
+    if not any(isinstance(f, NoTracebackForShedRequests) for f in shed_log.filters):
+        shed_log.addFilter(NoTracebackForShedRequests())
     applied = True
     return True
 
@@ -52,7 +67,8 @@ def timeout_middleware(base):
     class TimeoutMiddleware(base):
         """504 when the app has not started its response within `timeout` seconds; nothing outlives the request:
         the timer runs in an empty context (an asyncio timer keeps a copy of the context it was made in) and is
-        cancelled once the response has started."""
+        cancelled once the response has started. An app that fails before it starts a response fails now (and
+        Starlette answers 500), not after the timeout with no answer at all, as BentoML's does."""
 
         async def __call__(self, scope, receive, send):
             if scope["type"] not in ("http", "websocket"):
@@ -69,6 +85,7 @@ def timeout_middleware(base):
                 await send(message)
 
             app = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
+            app.add_done_callback(lambda _: started.done() or started.set_result(None))
             try:
                 await started
             except asyncio.TimeoutError:
@@ -121,6 +138,11 @@ def document_errors(route, answers):
     _error_answers[route] = answers
 
 
+def document_raw_body(route, content_type, description):
+    """Document that ROUTE also takes a whole body of CONTENT_TYPE (bytes) beside BentoML's multipart form."""
+    _raw_bodies[route] = (content_type, description)
+
+
 def with_error_answers(generate_spec):
     def generate(svc, **kwargs):
         from bentoml._internal.service.openapi.specification import MediaType, Reference, Response, Schema
@@ -134,6 +156,11 @@ def with_error_answers(generate_spec):
             for status, description in answers.items():
                 operation["responses"][status] = Response(description=description, content={
                     "application/json": MediaType(schema=Reference("#/components/schemas/Error"))})
+        for route, (content_type, description) in _raw_bodies.items():
+            item = spec.paths.get(route)
+            if item and item.post and "requestBody" in item.post:
+                item.post["requestBody"]["content"][content_type] = {
+                    "schema": {"type": "string", "format": "binary", "description": description}}
         if _error_answers:
             spec.components.setdefault("schemas", {})["Error"] = Schema(
                 type="object", title="Error", required=["error"],
@@ -141,3 +168,25 @@ def with_error_answers(generate_spec):
         return spec
     generate.documents_errors = True
     return generate
+
+
+# 6 ------------------------------------------------------------------------------------------------------------
+
+def never_holds(trigger_refresh):
+    """Optimizer.trigger_refresh, with the mean wait it derives pinned at 0: the dispatcher then holds no request
+    while the model is free (it still sheds by its latency estimate, and merges what queues while it is busy)."""
+    def refresh(self):
+        trigger_refresh(self)
+        self.wait = 0
+    refresh.never_holds = True
+    return refresh
+
+
+# 7 ------------------------------------------------------------------------------------------------------------
+
+class NoTracebackForShedRequests(logging.Filter):
+    """Drops BentoML's ERROR record, with traceback, for a request its batcher shed; the front logs one line."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (type(error).__name__ == "ServiceUnavailable" and "overloaded" in str(error))

@@ -3,6 +3,8 @@
 Image files of any common format, size and mode become RGB 32×32 (Pillow); .npy uploads are checked
 from their header (dtype, shape, count) before the data is read, and never unpickled.
 """
+import io
+import math
 import os
 import warnings
 
@@ -11,6 +13,7 @@ from PIL import Image, ImageOps
 
 from training.contract import IMAGE_SIZE, BatchError, check_batch
 
+HEADER_BYTES = 16 + 10_000   # magic, length, and numpy's own limit on a header's size
 # Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
 Image.MAX_IMAGE_PIXELS = int(os.environ.get("CIFAR100_MAX_PIXELS", 40_000_000))
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,27 +58,27 @@ def decode_image(path, name):
     return array, note
 
 
-def read_npy(path, max_images):
-    """An image batch from an .npy file, validated against the contract from its header before reading the data."""
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-        except ValueError:
-            raise InputError("images: not an .npy file (save the array with numpy.save)") from None
-        try:
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(f)
-        except ValueError as e:
-            raise InputError(f"images: unreadable .npy header ({e})") from None
-        if dtype.hasobject:
-            raise InputError("images: .npy holds Python objects; send a plain uint8 array (pickles are refused)")
-        try:
-            check_batch(dtype, shape, max_images, limit_name="CIFAR100_MAX_IMAGES")
-        except BatchError as e:
-            raise InputError(f"images: {e}", e.status) from None
-        f.seek(0)
-        try:  # a real file: numpy reads straight into the array, one copy
-            images = np.load(f, allow_pickle=False)
-        except ValueError as e:
-            raise InputError(f"images: truncated or corrupt .npy data ({e})") from None
-    return np.ascontiguousarray(images)
+def read_npy(data, max_images):
+    """An image batch from the bytes of an .npy file, checked against the contract from its header before the data
+    is looked at, and never unpickled. The array is a read-only view of DATA (no copy)."""
+    head = io.BytesIO(bytes(memoryview(data)[:HEADER_BYTES]))
+    try:
+        version = np.lib.format.read_magic(head)
+    except (ValueError, EOFError):
+        raise InputError("images: not an .npy file (save the array with numpy.save)") from None
+    try:
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(head)
+    except (ValueError, EOFError) as e:
+        raise InputError(f"images: unreadable .npy header ({e})") from None
+    if dtype.hasobject:
+        raise InputError("images: .npy holds Python objects; send a plain uint8 array (pickles are refused)")
+    try:
+        check_batch(dtype, shape, max_images, limit_name="CIFAR100_MAX_IMAGES")
+    except BatchError as e:
+        raise InputError(f"images: {e}", e.status) from None
+    count, offset = math.prod(shape), head.tell()
+    if len(data) - offset < count * dtype.itemsize:
+        raise InputError(f"images: truncated .npy data ({len(data) - offset} bytes for {count * dtype.itemsize})")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return np.ascontiguousarray(flat.reshape(shape[::-1]).T) if fortran_order else flat.reshape(shape)

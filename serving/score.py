@@ -5,9 +5,10 @@
     python -m serving.score --cifar-test data --out cifar_test.csv              # prints the accuracy
 
 DIR holds distortion00.npy … distortion18.npy, each uint8 N×32×32×3 (5 severities of N/5 images).
-Files are memory-mapped, sent in uint8 chunks to /classify_batch with several requests in flight, and
-every finished chunk is saved under OUT.parts/, so a killed run started again sends only what is
-missing. OUT appears (atomically) only when every row is there; then OUT.parts/ is removed.
+Files are memory-mapped, sent in uint8 chunks to /classify_batch (each chunk's .npy bytes as the request
+body) with several requests in flight, and every finished chunk is saved under OUT.parts/, so a killed run
+started again sends only what is missing. OUT appears (atomically) only when every row is there; then
+OUT.parts/ is removed.
 """
 import argparse
 import concurrent.futures as cf
@@ -172,7 +173,7 @@ def _error_text(response):
 class ServiceScorer:
     """Labels for uint8 chunks from POST /classify_batch; retries while the service is unreachable."""
 
-    def __init__(self, url, retries=8, backoff=0.5, timeout=300.0, rate=None):
+    def __init__(self, url, retries=8, backoff=0.5, timeout=300.0, rate=None, patience=600.0):
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ScoreError(f"--url must look like http://HOST:PORT, got {url!r}")
@@ -181,6 +182,7 @@ class ServiceScorer:
         except AccessError as e:
             raise ScoreError(str(e)) from None
         self.url, self.retries, self.backoff, self.timeout = url.rstrip("/"), retries, backoff, timeout
+        self.patience, self.waited = patience, 0.0   # seconds the service asked us to wait (Retry-After), in all
         self.interval = 1.0 / rate if rate else 0.0
         self.stop = threading.Event()
         self._local, self._rate_lock, self._next_slot = threading.local(), threading.Lock(), 0.0
@@ -204,8 +206,10 @@ class ServiceScorer:
 
     def _request(self, method, path, **kwargs):
         """The response of the first try that reached a ready service: the first try, then up to `retries`
-        more after growing waits."""
-        for attempt in range(self.retries + 1):
+        more after growing waits. A busy service's Retry-After is waited out without using up a retry, as long
+        as such waits stay within `patience` seconds in all."""
+        attempt = 0
+        while True:
             try:
                 response = self._session().request(method, self.url + path, timeout=self.timeout, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as e:
@@ -218,10 +222,21 @@ class ServiceScorer:
                 if response.status_code not in RETRY_STATUS:
                     return response
                 problem = f"{self.url}{path} answered HTTP {response.status_code}: {_error_text(response)}"
+                busy = response.headers.get("Retry-After", "")
+                if busy.isdigit():   # the service said when to come back: not a failure
+                    if self.waited + int(busy) > self.patience:
+                        raise ScoreError(f"{problem}; the service has been busy for {self.waited:.0f} s of "
+                                         f"waiting, more than --patience {self.patience:g} s allows")
+                    self.waited += int(busy)
+                    tqdm.write(f"busy, waiting {busy} s as asked: {problem}", file=sys.stderr)
+                    if self.stop.wait(int(busy)):
+                        raise Cancelled
+                    continue
             if attempt == self.retries:
                 raise ScoreError(f"{problem}; gave up after {self.retries} retries")
             delay = min(self.backoff * 2 ** attempt, MAX_DELAY)
-            tqdm.write(f"retry {attempt + 1}/{self.retries} in {delay:g} s: {problem}", file=sys.stderr)
+            attempt += 1
+            tqdm.write(f"retry {attempt}/{self.retries} in {delay:g} s: {problem}", file=sys.stderr)
             if self.stop.wait(delay):
                 raise Cancelled
 
@@ -242,8 +257,8 @@ class ServiceScorer:
         buffer = io.BytesIO()
         np.save(buffer, images, allow_pickle=False)
         self._wait_for_slot()
-        response = self._request("POST", "/classify_batch",
-                                 files={"images": ("images.npy", buffer.getvalue(), "application/octet-stream")})
+        response = self._request("POST", "/classify_batch", data=buffer.getvalue(),   # the raw .npy body
+                                 headers={"Content-Type": "application/x-npy"})
         self.requests += 1
         if not response.ok:
             hint = " (lower --chunk-size)" if response.status_code == 413 else ""
@@ -383,6 +398,9 @@ def main(argv=None):
     p.add_argument("--backoff", type=float, default=0.5,
                    help="first wait in seconds before a retry, doubled each time (default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
+    p.add_argument("--patience", type=float, default=600.0,
+                   help="seconds in all to wait when a busy service asks to (Retry-After) before giving up "
+                        "(default %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="at most this many requests per second (default: no limit)")
     p.add_argument("--json", help="also write the run's figures (images, seconds, img/s, accuracy, ...) to this file")
     a = p.parse_args(argv)
@@ -391,8 +409,8 @@ def main(argv=None):
             p.error(f"{name} must be at least 1")
     if a.retries < 0:
         p.error("--retries must be at least 0")
-    if a.backoff < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
-        p.error("--backoff must be >= 0, --timeout and --rate > 0")
+    if a.backoff < 0 or a.patience < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
+        p.error("--backoff and --patience must be >= 0, --timeout and --rate > 0")
     try:
         run(a)
     except ScoreError as e:
@@ -417,7 +435,7 @@ def run(a):
         true_labels = read_labels(a.labels, total)
     chunks = plan_chunks(sources, a.chunk_size)
     scorer = DirectScorer(a.direct, a.backend) if a.direct else \
-        ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate)
+        ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate, a.patience)
     in_flight = 1 if a.direct else a.in_flight
     inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
               for s in sources]

@@ -1,17 +1,20 @@
 """The BentoML service: `bentoml serve` from the repo root (bentofile.yaml names serving.service:Classifier).
 
 Two services in one `bentoml serve`:
-  Model       owns the backend (serving/backends.py) and its adaptive batching: `predict` (for /classify_batch)
-              and `predict_decoded` (for /classify) are batchable APIs, so BentoML's dispatcher merges
+  Model       owns the backend (serving/backends.py) and its adaptive batching: `predict` (bulk requests) and
+              `predict_small` (up to SMALL_BATCH images) are batchable APIs, so BentoML's dispatcher merges
               concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back.
-  Classifier  the HTTP front: parses uploads (.npy or image files), calls the Model, shapes JSON; GET /info.
+  Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
+              (.npy, raw or multipart, or image files), calls the Model, shapes JSON; GET /info.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
 as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere).
 
 Environment: CIFAR100_MODEL (default: the latest model of the store's MODEL_NAME), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
 CIFAR100_MAX_BATCH_SIZE (images per model call, 1024), CIFAR100_MAX_LATENCY_MS (30000: requests waiting
 longer are refused with 503), CIFAR100_MAX_IMAGES (images per request, 4096), CIFAR100_MAX_BODY_MB (64),
-CIFAR100_WORKERS (front processes, 1), CIFAR100_MAX_PIXELS (per uploaded image, 40M), CIFAR100_API_TOKEN or
+CIFAR100_MAX_INFLIGHT_MB (request bytes held at once, 256: more are refused with 503),
+CIFAR100_WORKERS (front processes, 1), CIFAR100_PROCESSES (2: front + model process; 1: the front runs the
+model), CIFAR100_MAX_PIXELS (per uploaded image, 40M), CIFAR100_API_TOKEN or
 CIFAR100_API_TOKEN_FILE (require `Authorization: Bearer <token>`; serving/access.py).
 """
 import asyncio
@@ -25,13 +28,15 @@ import anyio
 import bentoml
 import fastapi
 import numpy as np
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import JSONResponse, Response
 
 from serving import access, bentoml_fixes
+from serving.admission import Overloaded
 from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
 from serving.backends import load_backend
+from serving.batching import Batcher
+from serving.guard import RequestGuard, error
 from serving.images import InputError, decode_image, read_npy
 from training.contract import MODEL_NAME, blank_images
 
@@ -45,10 +50,48 @@ MAX_BATCH_SIZE = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", 1024))
 MAX_LATENCY_MS = int(os.environ.get("CIFAR100_MAX_LATENCY_MS", 30000))
 MAX_IMAGES = int(os.environ.get("CIFAR100_MAX_IMAGES", 4096))
 MAX_BODY_BYTES = int(float(os.environ.get("CIFAR100_MAX_BODY_MB", 64)) * 2**20)
+MAX_INFLIGHT_BYTES = int(float(os.environ.get("CIFAR100_MAX_INFLIGHT_MB", 256)) * 2**20)
+if MAX_INFLIGHT_BYTES < MAX_BODY_BYTES:
+    raise ValueError(f"CIFAR100_MAX_INFLIGHT_MB ({MAX_INFLIGHT_BYTES / 2**20:g}) must be at least CIFAR100_MAX_BODY_MB "
+                     f"({MAX_BODY_BYTES / 2**20:g}): the largest request allowed would never fit")
 WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
 API_TOKEN = access.api_token()   # None: anyone who reaches the port may call (serving/access.py)
 bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this module's services
+# 2: an HTTP front process and a model process (the front's parsing never competes with the model for its GIL;
+# the model process is the unit the scale-out builds on); 1: the front runs the model (no second hop).
+PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
+SMALL_BATCH = 16      # requests of up to this many images have a batcher of their own
+
+
+class ModelHost:
+    """The backend with its call statistics and description: held by the Model service, or, in the one-process
+    layout, by the front itself."""
+
+    def __init__(self, stored):
+        self.tag, self.metadata = str(stored.tag), dict(stored.info.metadata)
+        self.backend = load_backend(BACKEND, stored.path)
+        self.backend.warmup()
+        self.stats_lock = threading.Lock()
+        self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
+        log.info("loaded %s on %s", self.tag, self.backend.describe())
+
+    def run(self, images):
+        start = time.perf_counter()
+        logits = self.backend(images)
+        with self.stats_lock:
+            s = self.stats
+            s["model_calls"] += 1
+            s["images"] += len(images)
+            s["largest_call"] = max(s["largest_call"], len(images))
+            s["seconds"] += time.perf_counter() - start
+        return logits
+
+    def describe(self):
+        return {"model": self.tag, "metadata": self.metadata, **self.backend.describe(),
+                "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
+                             "max_images_per_request": MAX_IMAGES, "small_batch": SMALL_BATCH,
+                             "processes": PROCESSES}, "stats": dict(self.stats)}
 
 
 # runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
@@ -62,116 +105,24 @@ class Model:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self):
-        stored = self.model_ref
-        self.tag, self.metadata = str(stored.tag), dict(stored.info.metadata)
-        self.backend = load_backend(BACKEND, stored.path)
-        self.backend.warmup()
-        self.stats_lock = threading.Lock()
-        self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
-        log.info("loaded %s on %s", self.tag, self.backend.describe())
+        self.host = ModelHost(self.model_ref)
 
-    # Two batchers over one backend: each learns how long to hold requests from the traffic it sees, so
-    # bulk /classify_batch uploads (long model calls) do not teach /classify requests to wait.
+    # Two batchers over one backend, split by request size: a small request never queues behind bulk ones in
+    # the same batcher, and each batcher's shedding (max_latency_ms) judges requests of one kind.
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×32×32×3 -> float32 logits N×100 (/classify_batch); BentoML merges concurrent calls into one."""
-        return self._run(images)
+        """uint8 N×32×32×3 -> float32 logits N×100, for requests of more than SMALL_BATCH images; BentoML merges
+        concurrent calls into one."""
+        return self.host.run(images)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def predict_decoded(self, images: np.ndarray) -> np.ndarray:
-        """The same for images decoded from uploaded files (/classify)."""
-        return self._run(images)
-
-    def _run(self, images):
-        start = time.perf_counter()
-        logits = self.backend(images)
-        with self.stats_lock:
-            s = self.stats
-            s["model_calls"] += 1
-            s["images"] += len(images)
-            s["largest_call"] = max(s["largest_call"], len(images))
-            s["seconds"] += time.perf_counter() - start
-        return logits
+    def predict_small(self, images: np.ndarray) -> np.ndarray:
+        """The same for requests of up to SMALL_BATCH images (/classify, small /classify_batch)."""
+        return self.host.run(images)
 
     @bentoml.api
     def describe(self) -> dict:
-        return {"model": self.tag, "metadata": self.metadata, **self.backend.describe(),
-                "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
-                             "max_images_per_request": MAX_IMAGES},
-                "stats": dict(self.stats)}
-
-
-class RequestGuard:
-    """Requests are checked before BentoML reads them: 401 without the API token (when one is set; before the
-    body is read); then bad bodies get a JSON 4xx (BentoML answers 500 to a multipart body it cannot parse): 413
-    over the size limit, by Content-Length and by the bytes received; 400 for multipart framing errors, found by
-    python-multipart's streaming parser as the chunks pass through (nothing is buffered)."""
-
-    def __init__(self, app, max_bytes, token=None):
-        self.app, self.max_bytes, self.token = app, max_bytes, token
-
-    def too_big(self):
-        return InputError(f"request body over the limit of {self.max_bytes} bytes (CIFAR100_MAX_BODY_MB)", 413)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.token and not access.open_path(scope["path"]):
-            if why := access.refusal(headers.get(b"authorization"), self.token):
-                return await JSONResponse({"error": why}, status_code=401, headers={
-                    "WWW-Authenticate": 'Bearer realm="cifar100"'})(scope, receive, send)
-        try:
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                raise self.too_big()
-            framing = multipart_checker(headers.get(b"content-type", b""))
-        except InputError as e:
-            return await error(e)(scope, receive, send)
-        received, failure, replied = 0, None, False
-
-        async def checked_receive():
-            nonlocal received, failure
-            message = await receive()
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            try:
-                if received > self.max_bytes:
-                    raise self.too_big()
-                if framing is not None:
-                    framing.write(chunk)
-            except (InputError, MultipartParseError) as e:
-                failure = e if isinstance(e, InputError) else InputError(f"malformed multipart body: {e}")
-                raise failure from None
-            return message
-
-        async def guarded_send(message):  # once the body failed a check, whatever the app answers becomes our 4xx
-            nonlocal replied
-            if failure is None:
-                return await send(message)
-            if not replied:
-                replied = True
-                await error(failure)(scope, receive, send)
-
-        try:
-            await self.app(scope, checked_receive, guarded_send)
-        except InputError:
-            if not replied:
-                await error(failure)(scope, receive, send)
-
-
-def multipart_checker(content_type):
-    """A parser that only checks multipart framing (no callbacks), or None for other bodies."""
-    kind, params = parse_options_header(content_type)
-    if kind != b"multipart/form-data":
-        return None
-    if not params.get(b"boundary"):
-        raise InputError("multipart/form-data without a boundary in Content-Type")
-    return MultipartParser(params[b"boundary"])
-
-
-def error(e):
-    return JSONResponse({"error": str(e)}, status_code=e.status)
+        return self.host.describe()
 
 
 def answer(model):
@@ -197,20 +148,35 @@ async def info():
     return JSONResponse(await bentoml.get_current_service().describe())
 
 
+@routes.post("/classify_batch", include_in_schema=False)
+async def classify_raw_npy(request: fastapi.Request, probabilities: bool = False):
+    """/classify_batch with the .npy file as the whole body (Content-Type application/x-npy): the guard sends such
+    requests here. No multipart parsing, no temporary file: the array is a view of the body."""
+    return await bentoml.get_current_service().classify_npy(await request.body(), probabilities)
+
+
 ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
           413: "too many images, too many pixels, or too large a body",
           503: "the model is busy: the request would wait too long"}
 bentoml_fixes.document_errors("/classify", ERRORS)
 bentoml_fixes.document_errors("/classify_batch", {**ERRORS, 422: "an array of the wrong dtype or shape"})
+bentoml_fixes.document_raw_body("/classify_batch", "application/x-npy", "the .npy file as the whole body (also "
+                                "application/octet-stream); `?probabilities=true` asks for the probabilities")
 
 
 @bentoml.service(traffic={"timeout": 300}, workers=WORKERS)
 @bentoml.asgi_app(routes, path="/")
 class Classifier:
-    model = bentoml.depends(Model)
+    if PROCESSES == 1:
+        model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    else:
+        model = bentoml.depends(Model)
 
     def __init__(self):
-        self.classes, self.ready = None, False
+        self.classes, self.ready, self.batcher = None, False, None
+        if PROCESSES == 1:   # the front runs the model: its own batcher instead of BentoML's in a second process
+            self.host = ModelHost(self.model_ref)
+            self.batcher = Batcher(self.host.run, MAX_BATCH_SIZE, MAX_LATENCY_MS / 1000, SMALL_BATCH)
 
     async def _call_model(self, api, *args):
         if not hasattr(self.model, "to_async"):  # in-process (unit tests)
@@ -218,11 +184,27 @@ class Classifier:
         # Under `bentoml serve`: the Model process, through its batcher. Every Model API is idempotent.
         return await bentoml_fixes.call_dependency(getattr(self.model.to_async, api), *args)
 
-    async def _predict(self, images, api="predict"):
-        return await self._call_model(api, images)
+    async def _predict(self, images, kind):
+        """Logits from the model. In the one-process layout through this process's batcher; else from the Model
+        process: requests of up to SMALL_BATCH images through the batcher of small requests, larger ones through
+        the bulk batcher. A request a batcher sheds (it would wait longer than CIFAR100_MAX_LATENCY_MS) becomes
+        an Overloaded answer."""
+        if self.batcher:
+            return await self.batcher(images)
+        api = "predict_small" if len(images) <= SMALL_BATCH else "predict"
+        try:
+            return await self._call_model(api, images)
+        except ServiceUnavailable:
+            raise Overloaded(f"server busy: this request would wait for the model longer than CIFAR100_MAX_LATENCY_MS="
+                             f"{MAX_LATENCY_MS} allows; retry later", MAX_LATENCY_MS / 1000) from None
 
     async def _model_info(self):
-        return await self._call_model("describe")
+        return self.host.describe() if self.batcher else await self._call_model("describe")
+
+    async def _model_ready(self):
+        if self.batcher or not hasattr(self.model, "to_async"):
+            return True
+        return await self.model.to_async.is_ready(timeout=5)
 
     @bentoml.on_startup
     async def start_warm_up(self):
@@ -236,12 +218,11 @@ class Classifier:
         deadline = time.monotonic() + 600
         while True:
             try:
-                if not hasattr(self.model, "to_async") or await self.model.to_async.is_ready(timeout=5):
+                if await self._model_ready():
                     await self._class_names()
-                    blank = blank_images(1)
                     for _ in range(WARMUP_REQUESTS):
-                        for api in ("predict", "predict_decoded"):
-                            await self._predict(blank, api)
+                        for size in (1, SMALL_BATCH + 1):   # both batchers
+                            await self._predict(blank_images(size), "warm-up")
                     self.ready = True
                     log.info("warmed up: ready")
                     return
@@ -265,16 +246,19 @@ class Classifier:
         info["front_workers"] = WORKERS
         return info
 
+    async def classify_npy(self, data, probabilities):
+        """The answer to /classify_batch for the bytes of an .npy file: the class ids (and the probabilities)."""
+        try:
+            logits = await self._predict(read_npy(data, MAX_IMAGES), "/classify_batch")
+        except (InputError, Overloaded) as e:
+            return refused(e, "/classify_batch")
+        return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
+                                  probabilities=softmax(logits).tolist() if probabilities else None))
+
     @bentoml.api
     async def classify_batch(self, images: Path, probabilities: bool = False) -> BatchAnswer:
         """An .npy upload (uint8 N×32×32×3) -> {"class_ids": [N]} (+ "probabilities": N×100 on request)."""
-        try:
-            array = await anyio.to_thread.run_sync(read_npy, images, MAX_IMAGES)
-        except InputError as e:
-            return error(e)
-        logits = await self._predict(array)
-        return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
-                                  probabilities=softmax(logits).tolist() if probabilities else None))
+        return await self.classify_npy(await anyio.to_thread.run_sync(images.read_bytes), probabilities)
 
     @bentoml.api
     async def classify(self, images: list[Path]) -> ClassifyAnswer:
@@ -286,9 +270,9 @@ class Classifier:
                 raise InputError(f"images: {len(images)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)", 413)
             decoded = await anyio.to_thread.run_sync(
                 lambda: [decode_image(p, f"images[{i}]") for i, p in enumerate(images)])
-        except InputError as e:
-            return error(e)
-        probs = softmax(await self._predict(np.stack([array for array, _ in decoded]), "predict_decoded"))
+            probs = softmax(await self._predict(np.stack([array for array, _ in decoded]), "/classify"))
+        except (InputError, Overloaded) as e:
+            return refused(e, "/classify")
         classes = await self._class_names()
         predictions = []
         for p, (_, note) in zip(probs, decoded):
@@ -297,4 +281,12 @@ class Classifier:
         return answer(ClassifyAnswer(predictions=predictions))
 
 
-Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, token=API_TOKEN)
+def refused(e, kind):
+    """The answer to a request refused with InputError or Overloaded; a shed request is one WARNING line."""
+    if isinstance(e, Overloaded):
+        log.warning("refused %s: %s", kind, e)
+    return error(e)
+
+
+Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, inflight_bytes=MAX_INFLIGHT_BYTES,
+                                token=API_TOKEN, raw_app=routes)

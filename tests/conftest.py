@@ -57,14 +57,16 @@ def model_dir(model_store):
 
 @pytest.fixture(scope="module")
 def start_server(model_store, tmp_path_factory):
-    """start_server(env=None) -> base URL of a ready server; every server stops when the module ends."""
-    servers = []
+    """start_server(env=None) -> base URL of a ready server; every server stops when the module ends.
+    start_server.log(url) is that server's log so far."""
+    servers = {}
 
     def start(env=None):
         server = LocalServer(model_store, env, run_dir=tmp_path_factory.mktemp("serve"))
-        servers.append(server)
+        servers[server.url] = server
         return server.url
 
+    start.log = lambda url: servers[url].log_path.read_text(errors="replace")
     yield start
-    for server in servers:
+    for server in servers.values():
         server.stop()

@@ -5,6 +5,7 @@ import asyncio
 import contextvars
 import gc
 import logging
+import time
 import weakref
 
 import aiohttp
@@ -110,6 +111,16 @@ def test_a_slow_app_still_gets_504():
     alive, sent = asyncio.run(request_then_collect(OURS, slow, timeout=0.05))
     assert sent[0]["status"] == 504 and b"0.05 seconds" in sent[1]["body"]
     assert cancelled and not alive
+
+
+def test_an_app_that_fails_before_answering_fails_at_once_not_after_the_timeout():
+    async def broken(scope, receive, send):
+        raise ZeroDivisionError("bug")
+
+    start = time.monotonic()
+    with pytest.raises(ZeroDivisionError):   # Starlette's error middleware, further out, answers 500
+        asyncio.run(request_then_collect(OURS, broken, timeout=30))
+    assert time.monotonic() - start < 5
 
 
 def test_media_types_are_worked_out_once_per_class(monkeypatch):

@@ -86,7 +86,7 @@ def test_headless_run_reports_latency_throughput_and_batching(server, tmp_path):
     assert 0 < total["p50_ms"] <= total["p95_ms"] <= total["p99_ms"] and total["rps"] > 0
     assert summary["endpoints"]["/classify_batch"]["images_per_s"] == pytest.approx(
         16 * summary["endpoints"]["/classify_batch"]["rps"])
-    batches = summary["adaptive_batches"]["predict"]        # BentoML's histogram, read from /metrics
+    batches = summary["adaptive_batches"]["predict_small"]  # BentoML's histogram, read from /metrics
     assert batches["batches"] >= 1 and batches["mean_requests_per_batch"] >= 1
     for name in ("u4_stats.csv", "u4_stats_history.csv", "u4_failures.csv"):
         assert (out / name).stat().st_size > 0

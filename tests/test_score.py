@@ -51,15 +51,18 @@ def ood(tmp_path_factory):
 # ---------------------------------------------------------------- offline: validation, ids, chunks
 
 class CountingServer:
-    """A loopback HTTP server that only counts requests: proves the client sent none."""
+    """A loopback HTTP server that only counts requests and answers 503 (with Retry-After when given one): proves
+    the client sent none, or how it waited."""
 
-    def __init__(self):
+    def __init__(self, retry_after=None):
         counter = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _any(self):
                 counter.requests += 1
                 self.send_response(503)
+                if retry_after is not None:
+                    self.send_header("Retry-After", str(retry_after))
                 self.end_headers()
             do_GET = do_POST = _any
 
@@ -148,6 +151,23 @@ def test_gives_up_after_bounded_retries(tmp_path, ood, counting_server, capsys, 
     assert counting_server.requests == retries + 1       # GET /info: the first try and the retries
     assert time.monotonic() - start < 5
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_busy_service_is_waited_out_as_asked_within_the_patience(tmp_path, ood, capsys):
+    server = CountingServer(retry_after=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(SystemExit):
+            score.main(["--url", server.url, "--ood-dir", str(ood), "--out", str(tmp_path / "x.csv"),
+                        "--retries", "0", "--patience", "2.5"])
+        seconds = time.monotonic() - start
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    # Two waits of 1 s as asked, none counted as a retry (--retries 0), then the patience is spent.
+    assert server.requests == 3 and 2 <= seconds < 5
+    assert err.count("busy, waiting 1 s as asked") == 2 and "retry " not in err
+    assert "more than --patience 2.5 s allows" in err.strip().splitlines()[-1]
 
 
 def test_chunks_and_ids_follow_submission_order(ood):

@@ -36,6 +36,11 @@ def torch_server(start_server):
 
 
 @pytest.fixture(scope="module")
+def one_process_server(start_server):
+    return start_server({**LIMITS, "CIFAR100_PROCESSES": 1})   # the front runs the model itself
+
+
+@pytest.fixture(scope="module")
 def direct(model_dir):
     model, _ = load_classifier(model_dir / "checkpoint.pt")
 
@@ -88,7 +93,7 @@ def test_info_and_probes(server):
     assert "bentoml_service_adaptive_batch_size" in requests.get(f"{server}/metrics", timeout=10).text
 
 
-@pytest.mark.parametrize("which", ["server", "torch_server"])
+@pytest.mark.parametrize("which", ["server", "torch_server", "one_process_server"])
 def test_classify_batch_matches_the_model(request, which, direct):
     url = request.getfixturevalue(which)
     images = RNG.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -98,9 +103,36 @@ def test_classify_batch_matches_the_model(request, which, direct):
     assert body["class_ids"] == expected.argmax(1).tolist()
     np.testing.assert_allclose(body["probabilities"], softmax(expected), atol=1e-5)
     assert set(classify_batch(url, images[:3]).json()) == {"class_ids"}  # probabilities only on request
+    info = requests.get(f"{url}/info", timeout=10).json()
     if which == "torch_server":
-        info = requests.get(f"{url}/info", timeout=10).json()
         assert info["backend"] == "torch" and info["stats"]["largest_call"] == 8
+    assert info["batching"]["processes"] == (1 if which == "one_process_server" else 2)
+
+
+@pytest.mark.parametrize("which", ["server", "one_process_server"])
+@pytest.mark.parametrize("content_type", ["application/x-npy", "application/octet-stream"])
+def test_raw_npy_body_answers_as_the_upload_does(request, which, content_type, direct):
+    url = request.getfixturevalue(which)
+    images = RNG.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    raw = requests.post(f"{url}/classify_batch?probabilities=true", data=npy(images),
+                        headers={"Content-Type": content_type}, timeout=60).json()
+    assert raw == classify_batch(url, images, probabilities="true").json()
+    assert raw["class_ids"] == direct(images).argmax(1).tolist()
+    bad = requests.post(f"{url}/classify_batch", data=npy(np.zeros((2, 3, 32, 32), np.uint8)),
+                        headers={"Content-Type": content_type}, timeout=60)
+    assert bad.status_code == 422 and "(2, 3, 32, 32)" in bad.json()["error"]
+    too_many = requests.post(f"{url}/classify_batch", data=npy(np.zeros((65, 32, 32, 3), np.uint8)),
+                             headers={"Content-Type": content_type}, timeout=60)
+    assert too_many.status_code == 413 and "CIFAR100_MAX_IMAGES" in too_many.json()["error"]
+
+
+def test_concurrent_requests_merge_in_the_one_process_layout(one_process_server, direct):
+    batches = [RNG.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda b: classify_batch(one_process_server, b), batches))
+    for images, response in zip(batches, results):
+        assert response.json()["class_ids"] == direct(images).argmax(1).tolist()
+    assert requests.get(f"{one_process_server}/info", timeout=10).json()["stats"]["largest_call"] > 2
 
 
 def test_python_client(server, direct, tmp_path):
@@ -171,6 +203,7 @@ def test_openapi_document_describes_answers_errors_and_info(server):
     def resolve(schema):
         return schemas[schema["$ref"].split("/")[-1]] if "$ref" in schema else schema
 
+    assert "application/x-npy" in doc["paths"]["/classify_batch"]["post"]["requestBody"]["content"]
     for route, answer, errors in (("/classify", "predictions", {"400", "413", "503"}),
                                   ("/classify_batch", "class_ids", {"400", "413", "422", "503"})):
         responses = doc["paths"][route]["post"]["responses"]
@@ -292,8 +325,8 @@ def test_concurrent_requests_are_merged(server, direct):
     assert requests.get(f"{server}/info", timeout=10).json()["stats"]["largest_call"] > 2
     metrics = requests.get(f"{server}/metrics", timeout=10).text
     buckets = {float(le): float(n) for le, n in re.findall(
-        r'bentoml_service_adaptive_batch_size_bucket\{le="([0-9.]+)".*method_name="predict".*\} ([0-9.]+)', metrics)}
-    total = float(re.search(r'bentoml_service_adaptive_batch_size_count\{.*method_name="predict".*\} ([0-9.]+)',
+        r'bentoml_service_adaptive_batch_size_bucket\{le="([0-9.]+)".*method_name="predict_small".*\} ([0-9.]+)', metrics)}
+    total = float(re.search(r'bentoml_service_adaptive_batch_size_count\{.*method_name="predict_small".*\} ([0-9.]+)',
                             metrics).group(1))
     assert buckets[1.0] < total, "no model call merged more than one request"
 
