@@ -1,6 +1,6 @@
 """Throughput of every artifact of one model on this machine: uint8 numpy in, float32 logits out.
 
-    python bench/backends.py --checkpoint runs/part3/best.pt [--artifacts artifacts/] [--json bench.json]
+    python bench/backends.py --checkpoint runs/part3/best.pt [--artifacts artifacts/] [--tta flip] [--json bench.json]
     python bench/backends.py --model-dir ~/bentoml/models/cifar100-classifier/<version>
 
 Backends: PyTorch eager FP32, eager FP16 channels_last (CUDA), torch.compile (--compile), ONNX
@@ -28,8 +28,14 @@ from export.onnx import Artifact, ExportError, export_checkpoint, ort_session
 from training.checkpoint import CheckpointError, load_classifier, sha256
 from training.contract import CHECKPOINT_FILE, ENGINE_FILE, INPUT_NAME, NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, random_images
 from training.files import write_json
+from training.models import TTA
 
 log = logging.getLogger("bench")
+
+
+def load_model(checkpoint, tta):
+    """The checkpoint's model in eval mode, with test-time augmentation TTA around it."""
+    return TTA[tta](load_classifier(checkpoint)[0]).eval()
 
 
 def torch_runner(model, device, half=False):
@@ -83,13 +89,13 @@ def find_artifacts(args, scratch):
             artifact = Artifact.load(root / name)
         except ExportError:   # not there, or exported by an older version
             continue
-        if artifact.info.get("checkpoint_sha256") == digest:
+        if artifact.info.get("checkpoint_sha256") == digest and artifact.info.get("tta", "none") == args.tta:
             found[key] = artifact.path
         else:
-            log.warning("ignoring %s: exported from another checkpoint", artifact.path)
+            log.warning("ignoring %s: exported from another checkpoint or with other --tta", artifact.path)
     if "onnx" not in found or "onnx_fp16" not in found:
         log.info("exporting ONNX files for %s into %s", checkpoint, scratch)
-        written = export_checkpoint(model, ckpt, digest, Path(scratch), fp16=True)
+        written = export_checkpoint(model, ckpt, digest, Path(scratch), fp16=True, tta=args.tta)
         found.setdefault("onnx", written["fp32"].path)
         found.setdefault("onnx_fp16", written["fp16"].path)
     return checkpoint, found
@@ -99,11 +105,11 @@ def backends(args, checkpoint, artifacts, device):
     """(name, device, precision, runner) for every backend that can run here, made one at a time so
     that each is timed alone (no idle ONNX Runtime thread pools or GPU copies of other models around)."""
     gpu = device.startswith("cuda")
-    yield "torch-eager", device, "fp32", torch_runner(load_classifier(checkpoint)[0], device)
+    yield "torch-eager", device, "fp32", torch_runner(load_model(checkpoint, args.tta), device)
     if gpu:
-        yield "torch-eager", device, "fp16+channels_last", torch_runner(load_classifier(checkpoint)[0], device, True)
+        yield "torch-eager", device, "fp16+channels_last", torch_runner(load_model(checkpoint, args.tta), device, True)
     if args.compile:
-        run, precision = compiled_runner(load_classifier(checkpoint)[0], device)
+        run, precision = compiled_runner(load_model(checkpoint, args.tta), device)
         yield "torch-compile", device, precision, run
     yield "onnxruntime", "cpu", "fp32", ort_runner(artifacts["onnx"], "cpu")
     if gpu:
@@ -175,6 +181,8 @@ def main(argv=None):
                    help="stop a cell after this long (at least 3 calls); default 2 on CPU, 10 on GPU")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--tta", choices=sorted(TTA), default="none",
+                   help="with --checkpoint: time the model with this test-time augmentation (ONNX exported with it)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,7 +210,7 @@ def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
     report = {"machine": machine(device), "checkpoint": str(checkpoint),
               "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
               "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
-    reference_model = load_classifier(checkpoint)[0]   # eager FP32 on the CPU: what every backend should compute
+    reference_model = load_model(checkpoint, args.tta)   # eager FP32 on the CPU: what every backend should compute
     header = (f"{'backend':<16} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} "
               f"{'iters':>5} {'max|diff|':>9} {'top1%':>6}")
     print(header + "\n" + "-" * len(header), flush=True)

@@ -1,6 +1,7 @@
-"""Training images/s per part on this device (random data, the real training step).
+"""Training images/s per recipe on this device (random data, the real training step: the recipe's batch mixing,
+optimiser and weight averaging; not the data loader's augmentation, which runs in its worker processes).
 
-    python bench/train_throughput.py [--parts part1,part2,part3] [--steps 20] [--json out.json]
+    python bench/train_throughput.py [--parts part1,part2,part3,robust] [--steps 20] [--json out.json]
 """
 import argparse
 import platform
@@ -11,11 +12,12 @@ from training.contract import NUM_CLASSES, random_images
 from training.files import write_json
 from training.models import build_classifier
 from training.recipes import RECIPES
+from training.data import batch_mixer
 from training.train import build_optimizer, train_one_epoch
 
 
 def measure(part, device, steps, batch_size=None, resolution=None):
-    overrides = {"weights": "none"} if part == "part3" else {}
+    overrides = {"weights": "none"}   # random weights: the speed is the same, nothing to download
     if resolution:
         overrides["resolution"] = resolution
     recipe = RECIPES[part](**overrides)
@@ -26,18 +28,21 @@ def measure(part, device, steps, batch_size=None, resolution=None):
     optimizer = build_optimizer(recipe, model)
     batch = (torch.from_numpy(random_images(batch_size)), torch.randint(0, NUM_CLASSES, (batch_size,)))
     no_bar = lambda it: it
-    train_one_epoch(model, [batch] * 3, optimizer, recipe, device, no_bar)  # warm-up (cuDNN autotune, allocator)
-    stats = train_one_epoch(model, [batch] * steps, optimizer, recipe, device, no_bar)
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay)) if recipe.ema_decay else None
+    step = dict(mixer=batch_mixer(recipe), after_step=(lambda: ema.update_parameters(model)) if ema else lambda: None)
+    train_one_epoch(model, [batch] * 3, optimizer, recipe, device, no_bar, **step)  # warm-up (cuDNN, allocator)
+    stats = train_one_epoch(model, [batch] * steps, optimizer, recipe, device, no_bar, **step)
     return {"part": part, "arch": recipe.arch, "resolution": recipe.resolution, "batch_size": batch_size,
             "steps": steps, "images_per_s": stats["images_per_s"]}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="part1,part2,part3")
+    p.add_argument("--parts", default="part1,part2,part3,robust")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--resolution", type=int, default=None, help="default: the recipe's (224 for parts 2 and 3)")
+    p.add_argument("--resolution", type=int, default=None, help="default: the recipe's (224 for parts 2, 3, robust)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     a = p.parse_args()

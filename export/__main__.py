@@ -8,6 +8,7 @@ from pathlib import Path
 from serving.tensorrt import unavailable_reason
 from training.checkpoint import CheckpointError, load_checkpoint, load_classifier, save_random_checkpoint, sha256
 from training.contract import MODEL_NAME
+from training.models import TTA
 from training.recipes import RECIPES
 
 from .onnx import Artifact, ExportError
@@ -30,8 +31,14 @@ def parse_args(argv=None):
         cmd.add_argument("--max-batch", type=int, default=256)
         cmd.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit")
 
+    def tta_arg(cmd):
+        cmd.add_argument("--tta", choices=sorted(TTA), default="none",
+                         help="test-time augmentation inside the exported model: flip averages each image's logits "
+                              "with its mirror's (about twice the compute; default %(default)s)")
+
     cmd = sub.add_parser("onnx", help="write OUT/<part>.onnx (and --fp16: OUT/<part>.fp16.onnx), checked in ONNX Runtime")
     checkpoint_arg(cmd)
+    tta_arg(cmd)
     cmd.add_argument("--out", default="artifacts", help="output folder (default: %(default)s)")
     cmd.add_argument("--fp16", action="store_true", help="also write the FP16 variant")
 
@@ -47,6 +54,7 @@ def parse_args(argv=None):
 
     cmd = sub.add_parser("all", help="ONNX, FP16 ONNX, TensorRT (when possible), BentoML model")
     checkpoint_arg(cmd)
+    tta_arg(cmd)
     cmd.add_argument("--out", default="artifacts")
     cmd.add_argument("--name", default=MODEL_NAME)
     batch_args(cmd)
@@ -82,7 +90,7 @@ def run(args):
         path = save_random_checkpoint(args.out, args.part, args.seed, **overrides)
         log.info("wrote %s: %s with random weights", path, args.part)
     elif args.command == "onnx":
-        export_checkpoint(*load(args.checkpoint), Path(args.out), fp16=args.fp16)
+        export_checkpoint(*load(args.checkpoint), Path(args.out), fp16=args.fp16, tta=args.tta)
     elif args.command == "tensorrt":
         export_tensorrt(Artifact.load(args.onnx), args.out, args)
     elif args.command == "bento":
@@ -93,7 +101,7 @@ def run(args):
         from .tensorrt import tensorrt_major
 
         model, ckpt, digest = load(args.checkpoint)
-        written = export_checkpoint(model, ckpt, digest, Path(args.out), fp16=True)
+        written = export_checkpoint(model, ckpt, digest, Path(args.out), fp16=True, tta=args.tta)
         artifacts = list(written.values())
         if reason := unavailable_reason():
             log.info("skipping TensorRT: %s", reason)

@@ -45,11 +45,11 @@ def store_files(artifacts):
     return files
 
 
-def store_metadata(ckpt, checkpoint_sha256, files):
+def store_metadata(ckpt, checkpoint_sha256, files, tta):
     recipe, metrics = ckpt["recipe"], ckpt.get("metrics") or {}
     meta = {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"],
             "classes": list(ckpt["classes"]), "input": INPUT, "output": OUTPUT, "artifacts": sorted(files),
-            "checkpoint_sha256": checkpoint_sha256}
+            "checkpoint_sha256": checkpoint_sha256, "tta": tta}
     # BentoML metadata cannot hold None: accuracies appear only when the checkpoint has them.
     for key in ("test_acc", "val_acc"):
         if metrics.get(key) is not None:
@@ -62,7 +62,11 @@ def save_to_store(checkpoint_path, ckpt, checkpoint_sha256, artifacts, name=MODE
     import bentoml
 
     files = {CHECKPOINT_FILE: Path(checkpoint_path), **store_files(artifacts)}
-    meta = store_metadata(ckpt, checkpoint_sha256, files)
+    tta = {a.info.get("tta", "none") for a in artifacts}   # the exported graphs' test-time augmentation
+    if len(tta) != 1:
+        raise ExportError(f"the artifacts were exported with different --tta ({', '.join(sorted(tta))}): export again")
+    # The PyTorch backend applies the same test-time augmentation to the checkpoint (the store's metadata says it).
+    meta = store_metadata(ckpt, checkpoint_sha256, files, tta.pop())
     labels = {"part": meta["part"], "arch": meta["arch"]}
     # create() writes into a temporary directory and adds it to the store only if this block succeeds.
     with bentoml.models.create(name, labels=labels, metadata=meta) as model:

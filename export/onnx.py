@@ -18,6 +18,7 @@ from torch import nn
 
 from training.contract import IMAGE_SHAPE, INPUT, INPUT_NAME, OUTPUT, OUTPUT_NAME, random_images
 from training.files import atomic_path, write_json
+from training.models import TTA, mean_of_mirrors, with_mirrors
 
 log = logging.getLogger(__name__)
 VERIFY_SIZES = (1, 7, 64)
@@ -57,25 +58,29 @@ def allowed_flips(n):
 
 
 class ForExport(nn.Module):
-    """The classifier as the exporter should see it. Two changes, no numerical effect:
+    """The classifier as the exporter should see it (with flip test-time augmentation when asked). Two changes,
+    no numerical effect:
     - the uint8 input is cast to float before anything else: TensorRT accepts a uint8 network input
       only when a cast consumes it directly (Preprocess permutes first, which is free in PyTorch);
     - the network gets a contiguous NCHW tensor: the permute yields channels_last memory, and the
       exporter turns ResNet's flatten of such a tensor into a Gather over as_strided indices."""
 
-    def __init__(self, model):
+    def __init__(self, model, tta="none"):
         super().__init__()
-        self.model = model
+        self.model, self.flip = model, tta == "flip"
 
     def forward(self, images):
-        return self.model.net(self.model.preprocess(images.float()).contiguous())
+        x = images.float()
+        x = with_mirrors(x) if self.flip else x
+        logits = self.model.net(self.model.preprocess(x).contiguous())
+        return mean_of_mirrors(logits) if self.flip else logits
 
 
-def metadata(ckpt, checkpoint_sha256, precision="fp32"):
+def metadata(ckpt, checkpoint_sha256, precision="fp32", tta="none"):
     """The string key/value pairs stored in the ONNX metadata_props."""
     recipe, metrics = ckpt["recipe"], ckpt.get("metrics") or {}
     props = {"part": recipe["name"], "arch": recipe["arch"], "resolution": str(recipe["resolution"]),
-             "precision": precision, "classes": json.dumps(list(ckpt["classes"])),
+             "precision": precision, "tta": tta, "classes": json.dumps(list(ckpt["classes"])),
              "recipe": json.dumps(recipe), "preprocess": json.dumps(ckpt.get("preprocess", {})),
              "checkpoint_sha256": checkpoint_sha256, "input": INPUT, "output": OUTPUT}
     for key in ("test_acc", "val_acc", "epoch"):
@@ -94,9 +99,10 @@ def read_metadata(path):
 
 
 def to_onnx(model, props):
-    """The model (CPU, eval) as an FP32 ModelProto, traced by the torch.export-based exporter."""
+    """The model (CPU, eval) as an FP32 ModelProto, traced by the torch.export-based exporter (props["tta"]: with
+    test-time augmentation inside the graph)."""
     example = torch.zeros((2, *IMAGE_SHAPE), dtype=torch.uint8)  # 2, not 1: a batch of 1 could be specialised
-    program = torch.onnx.export(ForExport(model).eval(), (example,), input_names=[INPUT_NAME],
+    program = torch.onnx.export(ForExport(model, props["tta"]).eval(), (example,), input_names=[INPUT_NAME],
                                 output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: torch.export.Dim("N", min=1)}},
                                 dynamo=True, external_data=False, optimize=True, verbose=False)
     proto = program.model_proto
@@ -195,15 +201,17 @@ def save_verified(proto, path, model, precision, sizes=VERIFY_SIZES):
     return artifact
 
 
-def export_checkpoint(model, ckpt, checkpoint_sha256, out_dir, fp16=False, sizes=VERIFY_SIZES):
-    """Write OUT/<part>.onnx (and OUT/<part>.fp16.onnx), each with its sidecar; returns {precision: Artifact}."""
+def export_checkpoint(model, ckpt, checkpoint_sha256, out_dir, fp16=False, sizes=VERIFY_SIZES, tta="none"):
+    """Write OUT/<part>.onnx (and OUT/<part>.fp16.onnx), each with its sidecar; returns {precision: Artifact}.
+    tta="flip" puts flip test-time augmentation inside the graph (and checks it against the same in PyTorch)."""
     model = model.cpu().eval()
     part = ckpt["recipe"]["name"]
-    log.info("exporting %s (%s at %d px) to ONNX with torch.onnx.export(dynamo=True)", part,
-             ckpt["recipe"]["arch"], ckpt["recipe"]["resolution"])
-    proto = to_onnx(model, metadata(ckpt, checkpoint_sha256))
-    written = {"fp32": save_verified(proto, Path(out_dir) / f"{part}.onnx", model, "fp32", sizes)}
+    log.info("exporting %s (%s at %d px%s) to ONNX with torch.onnx.export(dynamo=True)", part,
+             ckpt["recipe"]["arch"], ckpt["recipe"]["resolution"], ", flip test-time augmentation" if tta != "none" else "")
+    proto = to_onnx(model, metadata(ckpt, checkpoint_sha256, tta=tta))
+    reference = TTA[tta](model)
+    written = {"fp32": save_verified(proto, Path(out_dir) / f"{part}.onnx", reference, "fp32", sizes)}
     if fp16:
         log.info("converting to FP16 (uint8 in, float32 out)")
-        written["fp16"] = save_verified(to_fp16(proto), Path(out_dir) / f"{part}.fp16.onnx", model, "fp16", sizes)
+        written["fp16"] = save_verified(to_fp16(proto), Path(out_dir) / f"{part}.fp16.onnx", reference, "fp16", sizes)
     return written

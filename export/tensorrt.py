@@ -67,7 +67,8 @@ def build_engine(onnx, engine_path, min_batch=1, opt_batch=64, max_batch=256, wo
 
     info = {**device_info(), "min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch,
             "precision": precision, "onnx": onnx.path.name, "onnx_sha256": sha256(onnx.path),
-            "part": onnx.info.get("part"), "checkpoint_sha256": onnx.info.get("checkpoint_sha256")}
+            "part": onnx.info.get("part"), "checkpoint_sha256": onnx.info.get("checkpoint_sha256"),
+            "tta": onnx.info.get("tta", "none")}
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as f:
             f.write(serialized)

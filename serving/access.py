@@ -10,10 +10,11 @@ import hmac
 import os
 from pathlib import Path
 
-# Open without the token: health probes (orchestrators have no token), and the API's description (the Swagger UI
-# and its assets, the OpenAPI document: no data in them). /metrics and everything else need it.
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/", "/docs.json")
-OPEN_PREFIXES = ("/static_content/",)
+# Open without the token: health probes (orchestrators have no token), the API's description (the Swagger UI
+# and its assets, the OpenAPI document) and the web page with its assets (it asks for the token): no data in
+# them. /metrics and everything else need it.
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/", "/docs.json", "/ui")
+OPEN_PREFIXES = ("/static_content/", "/ui/assets/")
 
 
 class AccessError(Exception):

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, IMAGE_SHAPE, NUM_CLASSES, ONNX_FILE,
-                               ONNX_FP16_FILE, BatchError, blank_images, check_batch, chunks)
+from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, IMAGE_SHAPE, MODEL_INFO_FILE,
+                               NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, BatchError, blank_images, check_batch, chunks)
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
@@ -74,13 +75,17 @@ class TorchBackend(Backend):
     # one CUDA graph per bucket. 2, not 1: torch.compile specialises a batch of 1 (one more compile).
     BUCKETS = [2 << i for i in range(8)]
 
-    def __init__(self, model_dir, device=None, compile=None):
+    def __init__(self, model_dir, device=None, compile=None, tta=None):
         import torch
         from training.checkpoint import load_classifier
+        from training.models import TTA
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # The exported graphs hold the model's test-time augmentation; here it wraps the checkpoint's model.
+        self.tta = tta or stored_metadata(model_dir).get("tta", "none")
         model, _ = load_classifier(Path(model_dir) / CHECKPOINT_FILE, self.device)
+        model = TTA[self.tta](model)
         self.buckets, self.warmup_seconds, self.calls, self.compile_error = None, {}, None, None
         if not self.device.startswith("cuda"):
             torch.set_num_threads(cpu_threads())
@@ -174,6 +179,7 @@ class TorchBackend(Backend):
 
     def describe(self):
         extra = {"buckets": self.buckets, "warmup_seconds": self.warmup_seconds} if self.warmup_seconds else {}
+        extra["tta"] = self.tta
         if self.calls is not None:
             extra["images_per_model_call"] = self.chunk
         if self.compile_error:
@@ -259,11 +265,20 @@ class TensorRTBackend(Backend):
 BACKENDS = {"tensorrt": TensorRTBackend, "onnx": OnnxBackend, "torch": TorchBackend}
 
 
-def load_backend(kind, model_dir, device=None):
-    """The backend `kind` (auto|torch|onnx|tensorrt) over the files in `model_dir`."""
+def stored_metadata(model_dir):
+    """The metadata export gave a model store entry (in BentoML's model.yaml); {} for a folder without one."""
+    path = Path(model_dir) / MODEL_INFO_FILE
+    return (yaml.safe_load(path.read_text()) or {}).get("metadata") or {} if path.is_file() else {}
+
+
+def load_backend(kind, model_dir, device=None, tta=None):
+    """The backend `kind` (auto|torch|onnx|tensorrt) over the files in `model_dir`. `tta` (the PyTorch backend only;
+    exported graphs hold theirs) overrides the entry's own test-time augmentation."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}: use one of {', '.join(KINDS)}")
-    return fastest_backend(model_dir, device) if kind == "auto" else BACKENDS[kind](model_dir, device)
+    if kind == "auto":
+        return fastest_backend(model_dir, device, tta)
+    return TorchBackend(model_dir, device, tta=tta) if kind == "torch" else BACKENDS[kind](model_dir, device)
 
 
 def images_per_second(backend, batch, min_seconds=0.5, min_calls=3):
@@ -275,13 +290,13 @@ def images_per_second(backend, batch, min_seconds=0.5, min_calls=3):
     return calls * len(batch) / (time.perf_counter() - start)
 
 
-def fastest_backend(model_dir, device=None):
+def fastest_backend(model_dir, device=None, tta=None):
     """auto: every backend that loads for this machine's device, timed on the same batch; the fastest wins."""
     device = device or ("cuda" if cuda_available() else "cpu")
     candidates, left_out = {}, {}
     for kind, make in BACKENDS.items():
         try:
-            candidates[kind] = make(model_dir, device)
+            candidates[kind] = make(model_dir, device, tta=tta) if kind == "torch" else make(model_dir, device)
         except Exception as e:   # a missing file or library, an engine for another GPU: say why, go on
             left_out[kind] = str(e).removeprefix("TensorRT backend unavailable: ")
     batch = blank_images(AUTO_BATCH[device.startswith("cuda")])

@@ -1,14 +1,16 @@
-"""Score the Kaggle OOD test set through the service and write the submission CSV.
+"""Score the Kaggle test set (or CIFAR-100-C) through the service and write the submission CSV; with labels, the
+accuracy per corruption and severity.
 
     python -m serving.score --url http://127.0.0.1:3000 --ood-dir DIR --out submission.csv
     python -m serving.score --direct model.onnx --ood-dir DIR --out direct.csv   # no service, same CSV
+    python -m serving.score --direct best.pt --ood-dir data --download --out c.csv --report reports --clean data
     python -m serving.score --cifar-test data --out cifar_test.csv              # prints the accuracy
 
-DIR holds distortion00.npy … distortion18.npy, each uint8 N×32×32×3 (5 severities of N/5 images).
-Files are memory-mapped, sent in uint8 chunks to /classify_batch (each chunk's .npy bytes as the request
-body) with several requests in flight, and every finished chunk is saved under OUT.parts/, so a killed run
-started again sends only what is missing. OUT appears (atomically) only when every row is there; then
-OUT.parts/ is removed.
+DIR holds distortion00.npy … distortion18.npy (the Kaggle files) or CIFAR-100-C's <corruption>.npy files and
+labels.npy; each file is uint8 N×32×32×3, 5 severities of N/5 images. Files are memory-mapped, sent in uint8
+chunks to /classify_batch (each chunk's .npy bytes as the request body) with several requests in flight, and
+every finished chunk is saved under OUT.parts/, so a killed run started again sends only what is missing. OUT
+appears (atomically) only when every row is there; then OUT.parts/ is removed.
 """
 import argparse
 import concurrent.futures as cf
@@ -29,7 +31,11 @@ from tqdm import tqdm
 
 from serving.access import AccessError, bearer_headers
 from training import contract
-from training.contract import NUM_CLASSES, ONNX_FILE, BatchError, check_batch
+from training.contract import CHECKPOINT_FILE, NUM_CLASSES, ONNX_FILE, BatchError, check_batch
+from serving.robustness import accuracy_report, table_text, write_report
+from training.data import C_FOLDER, C_MD5, C_URL, CORRUPTIONS
+from training.download import DownloadError, download_and_extract
+from training.models import TTA
 from training.files import atomic_path, write_json
 
 N_FILES, N_SEVERITIES = 19, 5       # the Kaggle layout: 19 corruptions, 5 severities each
@@ -72,26 +78,38 @@ def _check_images(images, where):
 
 
 def open_ood_dir(ood_dir):
-    """The 19 distortion files as read-only memory maps, all checked before anything is sent."""
+    """(sources, layout, CIFAR-100-C's shared labels or None): the 19 files of a Kaggle folder (distortion00.npy …)
+    or of a CIFAR-100-C folder (<corruption>.npy …, labels.npy; also when given the folder holding CIFAR-100-C/),
+    as read-only memory maps, all checked before anything is sent."""
     ood_dir = Path(ood_dir)
+    if (ood_dir / C_FOLDER).is_dir():
+        ood_dir = ood_dir / C_FOLDER
     if not ood_dir.is_dir():
         raise ScoreError(f"no OOD folder at {ood_dir}")
-    paths = [ood_dir / f"distortion{k:02d}.npy" for k in range(N_FILES)]
+    kaggle = [ood_dir / f"distortion{k:02d}.npy" for k in range(N_FILES)]
+    named = [ood_dir / f"{name}.npy" for name in CORRUPTIONS]
+    layout, paths = ("kaggle", kaggle) if any(p.is_file() for p in kaggle) or not any(p.is_file() for p in named) \
+        else ("cifar100c", named)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise ScoreError(f"{ood_dir} lacks {len(missing)} of the {N_FILES} files: {', '.join(missing)}")
     sources = []
     for path in paths:
-        try:   # allow_pickle=False: a file holding Python objects is refused, never unpickled
-            images = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:
-            raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
+        images = load_npy(path)
         _check_images(images, path)
         if len(images) % N_SEVERITIES:
             raise ScoreError(f"{path}: {len(images)} images is not a multiple of {N_SEVERITIES} "
                              "(one equal block per severity)")
         sources.append(Source(path.stem, images, path))
-    return sources
+    shared = ood_dir / "labels.npy" if layout == "cifar100c" and (ood_dir / "labels.npy").is_file() else None
+    return sources, layout, shared
+
+
+def load_npy(path, mmap_mode="r"):
+    try:   # allow_pickle=False: a file holding Python objects is refused, never unpickled
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as e:
+        raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
 
 
 def open_cifar_test(data_dir):
@@ -104,16 +122,19 @@ def open_cifar_test(data_dir):
     return [Source("test", data.test_images)], data.test_labels
 
 
-def read_labels(path, total):
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ScoreError(f"{path} is not a readable .npy array: {str(e).splitlines()[0]}") from None
+def read_labels(path, sources):
+    """The true label of every row, in submission order: from a file with one label per row, or with one per row
+    of each file (CIFAR-100-C's labels.npy, shared by its 19 files)."""
+    labels = load_npy(path, mmap_mode=None)
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ScoreError(f"{path}: expected a 1-D integer array of labels")
-    if len(labels) != total:
-        raise ScoreError(f"{path} holds {len(labels)} labels for {total} images")
-    return labels.astype(np.int64)
+    total, sizes = sum(len(s.images) for s in sources), {len(s.images) for s in sources}
+    if len(labels) != total and not (len(sizes) == 1 and len(labels) in sizes):
+        per_file = f" or {sizes.pop()} (one per row of each file)" if len(sizes) == 1 and len(sources) > 1 else ""
+        raise ScoreError(f"{path} holds {len(labels)} labels for {total} images; expected {total}{per_file}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ScoreError(f"{path}: labels outside 0..{NUM_CLASSES - 1}")
+    return (labels if len(labels) == total else np.tile(labels, len(sources))).astype(np.int64)
 
 
 def plan_chunks(sources, chunk_size):
@@ -281,27 +302,32 @@ def _store_entry(tag):
 class DirectScorer:
     """The same chunks through serving.backends in this process (no service), to compare with it.
 
-    ARTIFACT is a model folder (a store entry's files), a store tag, or a lone .onnx file.
+    ARTIFACT is a model folder (a store entry's files), a store tag, a lone .onnx file, or a training checkpoint
+    (.pt: its model in PyTorch, with test-time augmentation TTA).
     """
 
-    def __init__(self, artifact, backend="auto", device=None):
+    LONE_FILES = {".onnx": (ONNX_FILE, ("auto", "onnx")), ".pt": (CHECKPOINT_FILE, ("auto", "torch"))}
+
+    def __init__(self, artifact, backend="auto", device=None, tta=None):
         path = Path(artifact)
         if path.is_file():
-            if path.suffix != ".onnx" or backend not in ("auto", "onnx"):
-                raise ScoreError(f"--direct {path}: a lone file must be an .onnx model (with --backend onnx or auto)")
+            store_name, kinds = self.LONE_FILES.get(path.suffix, (None, ()))
+            if backend not in kinds:
+                raise ScoreError(f"--direct {path}: a lone file must be an .onnx model (with --backend onnx or auto) "
+                                 "or a .pt checkpoint (with --backend torch or auto)")
             with tempfile.TemporaryDirectory(prefix="score-direct-") as folder:   # backends read a store entry
-                (Path(folder) / ONNX_FILE).symlink_to(path.resolve())
-                self.backend = self._load("onnx", folder, device)
+                (Path(folder) / store_name).symlink_to(path.resolve())
+                self.backend = self._load(kinds[1], folder, device, tta)
         else:
             path = path if path.is_dir() else _store_entry(artifact)
-            self.backend = self._load(backend, path, device)
+            self.backend = self._load(backend, path, device, tta)
         self.artifact, self.stop, self.requests = path, threading.Event(), 0
 
     @staticmethod
-    def _load(kind, folder, device):
+    def _load(kind, folder, device, tta):
         from serving.backends import load_backend
         try:
-            return load_backend(kind, folder, device)
+            return load_backend(kind, folder, device, tta)
         except Exception as e:
             raise ScoreError(f"cannot load the {kind} backend from {folder}: {str(e).splitlines()[0]}") from None
 
@@ -309,7 +335,7 @@ class DirectScorer:
         path = self.artifact
         files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.is_file())
         return {"direct": {"artifact": str(path.resolve()), "backend": self.backend.name,
-                           "precision": self.backend.precision,
+                           "precision": self.backend.precision, "tta": getattr(self.backend, "tta", None),
                            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}}
 
     def __call__(self, images):
@@ -382,15 +408,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ood-dir", help="folder with distortion00.npy … distortion18.npy")
+    what.add_argument("--ood-dir", help="the Kaggle files (distortion00.npy …) or CIFAR-100-C (<corruption>.npy …, "
+                                        "labels.npy), or the folder holding CIFAR-100-C/")
     what.add_argument("--cifar-test", metavar="DIR", help="score the CIFAR-100 test split in DIR instead")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--url", default="http://127.0.0.1:3000", help="the running service (default %(default)s)")
-    how.add_argument("--direct", metavar="ARTIFACT", help="score without the service: a model folder (store entry), a store tag or an .onnx file")
+    how.add_argument("--direct", metavar="ARTIFACT", help="score without the service: a model folder (store entry), "
+                                                          "a store tag, an .onnx file or a training checkpoint (.pt)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
                    help="backend for --direct (default %(default)s)")
+    p.add_argument("--tta", choices=sorted(TTA), default=None,
+                   help="--direct with a checkpoint or the torch backend: test-time augmentation (default: the "
+                        "model's own, none for a checkpoint)")
     p.add_argument("--out", required=True, help="the CSV to write")
-    p.add_argument("--labels", help=".npy of true labels in submission order: report the accuracy")
+    p.add_argument("--labels", help=".npy of true labels, one per row in submission order or one per row of each "
+                                    "file (CIFAR-100-C's labels.npy is found by itself): report the accuracy")
+    p.add_argument("--report", metavar="DIR", help="with labels: write DIR/report.json (accuracy per corruption and "
+                                                   "severity, the means) and DIR/heatmap.png")
+    p.add_argument("--clean", metavar="DATA_DIR", help="with --report: also score the CIFAR-100 test split in "
+                                                       "DATA_DIR, for the clean accuracy beside the corrupted one")
+    p.add_argument("--download", action="store_true",
+                   help=f"download CIFAR-100-C ({C_URL}, 2.9 GB, resumable) into --ood-dir when it is not there")
     p.add_argument("--chunk-size", type=int, default=2048, help="images per request (default %(default)s)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once (default %(default)s)")
     p.add_argument("--retries", type=int, default=8,
@@ -411,9 +449,13 @@ def main(argv=None):
         p.error("--retries must be at least 0")
     if a.backoff < 0 or a.patience < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
         p.error("--backoff and --patience must be >= 0, --timeout and --rate > 0")
+    if (a.report or a.clean or a.download) and not a.ood_dir:
+        p.error("--report, --clean and --download go with --ood-dir")
+    if a.clean and not a.report:
+        p.error("--clean goes with --report")
     try:
         run(a)
-    except ScoreError as e:
+    except (ScoreError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -422,39 +464,65 @@ def main(argv=None):
         sys.exit(130)
 
 
+def predict(sources, chunk_size, scorer, model, parts, in_flight):
+    """Every row of SOURCES scored, resuming from the PARTS folder (kept for a model described as MODEL): (labels
+    per source, the chunks, labels per chunk, images scored now, seconds, the Progress)."""
+    chunks = plan_chunks(sources, chunk_size)
+    inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
+              for s in sources]
+    progress = Progress(parts, {"inputs": inputs, "chunk_size": chunk_size, "model": model})
+    start = time.perf_counter()
+    labels, new_images = score(sources, chunks, scorer, progress, in_flight)
+    per_source = [np.concatenate([labels[i] for i, (s, _, _) in enumerate(chunks) if s == k])
+                  for k in range(len(sources))]
+    return per_source, chunks, labels, new_images, time.perf_counter() - start, progress
+
+
 def run(a):
     # Every input is checked before the first request.
     if Path(a.out).is_dir():
         raise ScoreError(f"--out {a.out} is a folder; give the CSV file to write")
+    if a.ood_dir and a.download:
+        download_and_extract(C_URL, a.ood_dir, C_MD5, C_FOLDER)
     if a.ood_dir:
-        sources, true_labels = open_ood_dir(a.ood_dir), None
+        sources, layout, shared_labels = open_ood_dir(a.ood_dir)
+        true_labels = read_labels(a.labels or shared_labels, sources) if a.labels or shared_labels else None
     else:
-        sources, true_labels = open_cifar_test(a.cifar_test)
+        (sources, true_labels), layout = open_cifar_test(a.cifar_test), "cifar100"
+        if a.labels:
+            true_labels = read_labels(a.labels, sources)
+    if a.report and true_labels is None:
+        raise ScoreError("--report needs the true labels: --labels FILE (CIFAR-100-C's labels.npy is found by itself)")
+    clean = open_cifar_test(a.clean) if a.clean else None
     total = sum(len(s.images) for s in sources)
-    if a.labels:
-        true_labels = read_labels(a.labels, total)
-    chunks = plan_chunks(sources, a.chunk_size)
-    scorer = DirectScorer(a.direct, a.backend) if a.direct else \
+    scorer = DirectScorer(a.direct, a.backend, tta=a.tta) if a.direct else \
         ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate, a.patience)
-    in_flight = 1 if a.direct else a.in_flight
-    inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
-              for s in sources]
-    manifest = {"inputs": inputs, "chunk_size": a.chunk_size, "model": scorer.describe()}
-    progress = Progress(f"{a.out}.parts", manifest)
+    model, in_flight = scorer.describe(), 1 if a.direct else a.in_flight
 
-    start = time.perf_counter()
-    labels, new_images = score(sources, chunks, scorer, progress, in_flight)
-    seconds = time.perf_counter() - start
+    per_source, chunks, labels, new_images, seconds, progress = predict(sources, a.chunk_size, scorer, model,
+                                                                        f"{a.out}.parts", in_flight)
     rows = write_csv(a.out, sources, chunks, labels)
     progress.remove()
     result = figures(new_images, seconds, True, requests=scorer.requests, resumed=total - new_images, rows=rows,
-                     out=str(a.out), model=manifest["model"])
+                     out=str(a.out), model=model, layout=layout)
     print(f"scored {new_images} images in {scorer.requests} requests, {seconds:.1f} s "
           f"({result['img_per_s']:.0f} img/s)" + (f"; {result['resumed']} resumed from {a.out}.parts" if result["resumed"] else ""))
     print(f"wrote {a.out} ({rows} rows)")
     if true_labels is not None:
-        result["accuracy"] = float((np.concatenate(labels) == true_labels).mean())
+        result["accuracy"] = float((np.concatenate(per_source) == true_labels).mean())
         print(f"accuracy {result['accuracy']:.4f} on {total} images")
+    if a.report:
+        clean_accuracy = None
+        if clean:
+            guesses, *_, clean_progress = predict(clean[0], a.chunk_size, scorer, model, f"{a.out}.clean.parts",
+                                                  in_flight)
+            clean_progress.remove()
+            clean_accuracy = float((guesses[0] == clean[1]).mean())
+        report = accuracy_report(sources, per_source, true_labels, clean_accuracy, model)
+        print(table_text(report))
+        write_report(Path(a.report), report)
+        result["report"] = {k: report[k] for k in ("mean", "mean_15", "clean")}
+        print(f"wrote {a.report}/report.json and heatmap.png")
     if a.json:
         write_json(a.json, result)
 

@@ -29,7 +29,7 @@ import bentoml
 import fastapi
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from serving import access, bentoml_fixes
 from serving.admission import Overloaded
@@ -146,6 +146,22 @@ async def info():
     """The served model (tag and metadata: part, classes, accuracy, artifacts), the backend, device and precision,
     how `auto` chose the backend, the batching settings and the model's call statistics."""
     return JSONResponse(await bentoml.get_current_service().describe())
+
+
+UI_DIR = Path(__file__).with_name("ui")   # the web page (docs/ui.md): open without a token, it asks for one
+UI_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+@routes.get("/ui", include_in_schema=False)
+async def ui_page():
+    return FileResponse(UI_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+@routes.get("/ui/assets/{name}", include_in_schema=False)
+async def ui_asset(name: str):
+    if name not in UI_ASSETS:   # only the page's own files, never a path into the file system
+        return JSONResponse({"error": f"no asset {name}"}, status_code=404)
+    return FileResponse(UI_DIR / name, media_type=UI_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
 @routes.post("/classify_batch", include_in_schema=False)

@@ -123,7 +123,8 @@ def main(argv=None):
           f"  curl -s{auth} -F images=@some_picture.jpg {url}/classify\n"
           f"  python -c \"import numpy as np; np.save('x.npy', np.zeros((8, {shape}), np.uint8))\" && "
           f"curl -s{auth} -F images=@x.npy {url}/classify_batch\n"
-          f"  the API's documentation: {url}/\n", flush=True)
+          f"  the API's documentation: {url}/\n"
+          f"  the web page (drop images on it): {url}/ui\n", flush=True)
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
     os.execvpe(bentoml, [bentoml, "serve", "serving.service:Classifier", "--host", args.host,
                          "--port", str(args.port)], env)

@@ -189,6 +189,29 @@ def test_metadata_round_trip(which, request):
         assert meta["precision"] == precision
 
 
+# --- flip test-time augmentation ----------------------------------------------------------------------------
+
+def test_flip_tta_inside_the_exported_model_and_the_torch_backend(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "best.pt", "part1", seed=5)
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml")}
+    result = run_cli("all", "--checkpoint", checkpoint, "--out", tmp_path / "artifacts", "--tta", "flip", env=env)
+    assert result.returncode == 0, result.stderr
+    model, _ = load_classifier(checkpoint)
+    images = random_batches((13,), seed=7)[0]
+    expected = (logits(model, images) + logits(model, images[:, :, ::-1].copy())) / 2   # image and mirror
+    assert not np.allclose(expected, logits(model, images), atol=1e-3)
+    for name, tolerance in (("part1.onnx", 1e-4), ("part1.fp16.onnx", 0.05)):
+        got = ort_session(tmp_path / "artifacts" / name, "cpu").run(None, {"images": images})[0]
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=tolerance)
+        assert Artifact.load(tmp_path / "artifacts" / name).info["tta"] == "flip"
+    (entry,) = (tmp_path / "bentoml" / "models" / "cifar100-classifier").glob("*/model.yaml")
+    from serving.backends import load_backend, stored_metadata
+    assert stored_metadata(entry.parent)["tta"] == "flip"
+    torch_backend = load_backend("torch", entry.parent)   # the checkpoint, wrapped as the graphs are
+    assert torch_backend.describe()["tta"] == "flip"
+    np.testing.assert_allclose(torch_backend(images), expected, atol=1e-5, rtol=1e-5)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 def test_cli_refuses_missing_and_corrupt_checkpoints(tmp_path):

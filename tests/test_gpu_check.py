@@ -86,7 +86,8 @@ def test_stages_share_one_budget(tmp_path):
 def test_the_ood_set_is_what_the_scoring_client_takes(tmp_path):
     from serving.score import open_ood_dir
     e2e.write_ood(tmp_path, 15)
-    sources = open_ood_dir(tmp_path)
+    sources, layout, _ = open_ood_dir(tmp_path)
+    assert layout == "kaggle"
     assert [len(s.images) for s in sources] == [15] * 19
     assert not np.array_equal(sources[0].images, sources[1].images)   # not 19 copies of one file
 

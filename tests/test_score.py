@@ -171,7 +171,7 @@ def test_a_busy_service_is_waited_out_as_asked_within_the_patience(tmp_path, ood
 
 
 def test_chunks_and_ids_follow_submission_order(ood):
-    sources = score.open_ood_dir(ood)
+    sources, _, _ = score.open_ood_dir(ood)
     chunks = score.plan_chunks(sources, 4)
     # Chunks never cross files and cover each file once, in order.
     assert chunks[:3] == [(0, 0, 4), (0, 4, 8), (0, 8, 10)] and chunks[-1] == (18, 8, 10)

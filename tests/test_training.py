@@ -1,4 +1,5 @@
 """Training module: data format, preprocessing, models, recipes, the loop, checkpoints, torchrun."""
+import dataclasses
 import json
 import math
 import os
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 
 from training.checkpoint import CheckpointError, load_checkpoint, load_classifier
-from training.data import DataError, build_transform, load_cifar100, split_train_val
+from training.data import DataError, batch_mixer, build_transform, load_cifar100, split_train_val
 from training.models import build_classifier
 from training.preprocess import CIFAR100_MEAN, CIFAR100_STD, Preprocess
-from training.recipes import Part1, Part2, Part3
+from training.models import FlipAveraged, head
+from training.recipes import Part1, Part2, Part3, Robust, recipe_from_dict
 from training.synthetic import write_dataset
-from training.train import EarlyStopping, build_optimizer, build_scheduler, find_batch_size, mixup, train
+from training.train import EarlyStopping, build_optimizer, build_scheduler, find_batch_size, train
 
 QUICK = dict(batch_size=64, epochs=2)
 RUN = dict(device="cpu", wandb_mode="disabled", workers=0)
@@ -84,6 +86,11 @@ def test_augmentation_per_part():
     assert names(build_transform(Part3(), 30)) == ["RandomCrop", "RandomHorizontalFlip", "RandomRotation",
                                                    "ColorJitter", "RandomErasing"]
     assert "ColorJitter" in names(build_transform(Part2(), 0))
+    robust = names(build_transform(Robust(), 0))
+    assert robust == ["RandomCrop", "RandomHorizontalFlip", "AugMix", "RandomApply", "RandomApply", "RandomApply"]
+    always = build_transform(Robust(corrupt_p=1.0), 0)   # noise, JPEG and blur every time: still uint8 images
+    out = always(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32) and not torch.equal(out, image)
 
 
 # --- preprocessing and models ---------------------------------------------------------------------
@@ -133,6 +140,32 @@ def test_freeze_rule_trains_exactly_the_last_50_tensors():
     assert all(p.requires_grad for p in build_classifier(Part2()).parameters())
 
 
+def test_recipes_name_their_imagenet_weights_and_old_checkpoints_still_load():
+    assert (Part3().weights, Robust().weights) == ("IMAGENET1K_V1", "IMAGENET1K_V2")  # the report's pretrained=True: V1
+    old = {**dataclasses.asdict(Part3()), "weights": "imagenet"}   # as checkpoints said before: V2 in fact
+    del old["head_lr_mult"], old["ema_decay"]                      # fields added since
+    assert recipe_from_dict(old) == Part3(weights="IMAGENET1K_V2")
+    assert Robust().trainable_tail is None and Robust().schedule == "warmup_cosine"   # every layer trains
+
+
+def test_the_heads_learning_rate_is_a_multiple():
+    model = build_classifier(Robust(weights="none", arch="simple_cnn", resolution=32))
+    optimizer = build_optimizer(Robust(arch="simple_cnn", lr=0.001, head_lr_mult=10), model)
+    body, top = optimizer.param_groups
+    assert (body["lr"], top["lr"]) == (0.001, pytest.approx(0.01))
+    assert {id(p) for p in top["params"]} == {id(p) for p in head(model.net).parameters()}
+    assert len(body["params"]) + len(top["params"]) == len(list(model.parameters()))
+
+
+def test_flip_averaging_is_the_mean_over_the_image_and_its_mirror():
+    model = build_classifier(Part1()).eval()
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(2))) / 2
+        torch.testing.assert_close(FlipAveraged(model)(images), expected)
+        assert not torch.allclose(model(images), expected)
+
+
 def test_imagenet_weights_unavailable_is_a_clear_error(tmp_path, monkeypatch):
     from training.models import WeightsUnavailable
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no internet on CI either
@@ -175,15 +208,33 @@ def test_learning_rate_curves():
     assert lrs[35] == pytest.approx(p3.lr) and lrs[34] < lrs[33] < lrs[15]
 
 
-def test_mixup_blends_images_and_labels():
+def test_warmup_cosine_is_stepped_per_batch():
+    recipe = Robust(lr=0.1, min_lr=0.001, warmup_epochs=1, epochs=3, head_lr_mult=1)
+    optimizer = build_optimizer(recipe, build_classifier(Robust(arch="simple_cnn", resolution=32, weights="none")))
+    scheduler = build_scheduler(recipe, optimizer, steps_per_epoch=10)
+    lrs = []
+    for _ in range(30):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:10] == pytest.approx([0.1 * (s + 1) / 10 for s in range(10)])   # one epoch of linear warm-up
+    assert lrs[10] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.001 + 0.099 / 2)   # one cosine decay
+    assert lrs[29] == pytest.approx(0.001, abs=0.002) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_batch_mixing_blends_images_and_labels_alike():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
     labels = torch.arange(8)
-    mixed, labels_b, lam = mixup(images, labels, alpha=0.2)
-    assert 0 <= lam <= 1 and mixed.dtype == torch.float32
-    perm = labels_b  # labels are 0..7, so labels_b is the permutation itself
-    torch.testing.assert_close(mixed, lam * images.float() + (1 - lam) * images[perm].float())
-    assert sorted(labels_b.tolist()) == list(range(8))
+    assert batch_mixer(Part1()) is None
+    mixed, targets = batch_mixer(Part3())(images, labels)   # MixUp: image i blended with its neighbour
+    assert mixed.dtype == torch.float32 and mixed.shape == images.shape and targets.shape == (8, 100)
+    lam = float(targets[0, 0])
+    torch.testing.assert_close(mixed, lam * images.float() + (1 - lam) * images.float().roll(1, 0))
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    cut, targets = batch_mixer(Robust(mixup_alpha=0))(images, labels)   # CutMix: a box of the neighbour
+    pasted = (cut != images.float()).any(-1).float().mean((1, 2))         # share of pixels replaced, per image
+    assert abs(float(targets[0, 0]) - (1 - float(pasted[0]))) < 0.01   # the label weight is the kept area
 
 
 def test_early_stopping():
@@ -255,6 +306,29 @@ def test_part3_pipeline_runs_with_mixup_staging_and_early_stop(tmp_path):
     names = [n for n, _ in build_classifier(Part3(**overrides)).named_parameters()]
     changed = [n for n in names if not torch.equal(initial[n], trained[n])]
     assert changed and set(changed) <= set(names[-50:])  # the frozen backbone did not move
+
+
+def test_robust_recipe_runs_end_to_end_small_and_resumes_exactly(data_dir, tmp_path):
+    # The robust machinery (AugMix and friends, CutMix/MixUp, per-batch warm-up + cosine, two learning rates,
+    # EMA) with a small network at 32 px.
+    small = dict(arch="simple_cnn", weights="none", resolution=32, epochs=2, batch_size=64, warmup_epochs=0.5,
+                 corrupt_p=0.5, ema_decay=0.9)
+    metrics = train("robust", data_dir, tmp_path / "full", dict(small), **RUN)
+    # Interrupted after its first epoch (the schedule spans the whole run, so not a shorter run), then resumed.
+    assert train("robust", data_dir, tmp_path / "split", dict(small), pause_after=1, **RUN) is None
+    train("robust", data_dir, tmp_path / "split", dict(small), resume=True, **RUN)
+    full, split = (load_checkpoint(tmp_path / d / "robust" / "last.pt") for d in ("full", "split"))
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    for key, value in full["ema"].items():       # the average resumes exactly too
+        assert torch.equal(value, split["ema"][key]), key
+    best = load_checkpoint(tmp_path / "full" / "robust" / "best.pt")
+    ema_weights = {k.removeprefix("module."): v for k, v in full["ema"].items() if k.startswith("module.")}
+    if best["metrics"]["epoch"] == 2:   # the best checkpoint holds the averaged weights, not the trained ones
+        assert all(torch.equal(best["model"][k], ema_weights[k]) for k in best["model"])
+    assert not all(torch.equal(full["model"][k], ema_weights[k]) for k in full["model"])
+    lrs = [h["lr"] for h in full["progress"]["history"]]
+    assert lrs[0] < lrs[1] and metrics["epochs_run"] == 2 and 0 <= metrics["test_acc"] <= 1
 
 
 def run_cli(*args, env=None):

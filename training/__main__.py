@@ -1,4 +1,4 @@
-"""python -m training part1|part2|part3 --data-dir DIR --out runs/ [--epochs N --lr X ...]"""
+"""python -m training part1|part2|part3|robust --data-dir DIR --out runs/ [--epochs N --lr X ...]"""
 import argparse
 import logging
 import sys
@@ -9,7 +9,7 @@ from .models import WeightsUnavailable
 from .recipes import RECIPES, options
 from .train import train
 
-RUN_OPTIONS = ("data_dir", "out", "download", "device", "resume", "wandb", "workers")
+RUN_OPTIONS = ("data_dir", "out", "download", "device", "resume", "wandb", "workers", "pause_after")
 
 
 def parse_args(argv=None):
@@ -22,6 +22,8 @@ def parse_args(argv=None):
     run.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                      help="wandb mode (default: $WANDB_MODE, else offline)")
     run.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default 2)")
+    run.add_argument("--pause-after", type=int, default=None, metavar="N",
+                     help="stop after N epochs of this run; continue later with --resume")
 
     p = argparse.ArgumentParser(prog="python -m training", description="Train a CIFAR-100 recipe.",
                                 epilog="`python -m training PART --help` lists every recipe option with that part's default.")
@@ -44,7 +46,8 @@ def main(argv=None):
     part, run, overrides = parse_args(argv)
     try:
         train(part, run["data_dir"], run["out"], overrides, device=run["device"], resume=run["resume"],
-              wandb_mode=run["wandb"], workers=run["workers"], download=run["download"])
+              wandb_mode=run["wandb"], workers=run["workers"], download=run["download"],
+              pause_after=run["pause_after"])
     except (DataError, CheckpointError, WeightsUnavailable) as e:
         sys.exit(f"error: {e}")
 

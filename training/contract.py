@@ -21,6 +21,7 @@ ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model.fp16.onnx"
 ENGINE_FILE = "model.engine"
 ENGINE_INFO_FILE = "model.engine.json"
+MODEL_INFO_FILE = "model.yaml"   # BentoML's own: the entry's metadata
 
 
 class BatchError(ValueError):

@@ -1,6 +1,9 @@
-"""CIFAR-100 in its official python format, the validation split and the per-part augmentation."""
+"""CIFAR-100 in its official python format (and what CIFAR-100-C is), the validation split and the recipes'
+augmentation."""
 import logging
 import pickle
+import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,11 +11,30 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from .contract import NUM_CLASSES
+from .download import DownloadError, download_and_extract
+
+# torchvision 0.29 warns on every JPEG encode that its image codecs will move to TorchCodec: once per image, in
+# every data-loader worker. The codec is what v2.JPEG needs here (torchvision is pinned).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
+
 log = logging.getLogger(__name__)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published with the archive
 FOLDER = "cifar-100-python"
+
+# CIFAR-100-C (Hendrycks & Dietterich, 2019): the test set under 19 corruptions, each <corruption>.npy uint8
+# [50000, 32, 32, 3] (severity 1..5 in blocks of 10,000), with one labels.npy [50000] for them all. The course's
+# Kaggle test set has the same layout. RobustBench reports the mean over the first 15 ("common") corruptions.
+C_URL = "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar"
+C_MD5 = "11f0ed0f1191edbf9fa23466ae6021d3"
+C_FOLDER = "CIFAR-100-C"
+COMMON_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                      "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+                      "jpeg_compression")
+CORRUPTIONS = COMMON_CORRUPTIONS + ("gaussian_blur", "saturate", "spatter", "speckle_noise")
+SEVERITIES = 5
 
 
 class DataError(Exception):
@@ -74,11 +96,10 @@ def locate(data_dir):
 def load_cifar100(data_dir, download=False):
     root = locate(data_dir)
     if download and not (root / "train").exists():
-        from torchvision.datasets.utils import download_and_extract_archive
         log.info("downloading CIFAR-100 to %s", data_dir)
         try:
-            download_and_extract_archive(URL, str(data_dir), md5=MD5)
-        except Exception as e:
+            download_and_extract(URL, data_dir, MD5, FOLDER)
+        except (DownloadError, OSError, tarfile.TarError) as e:
             raise DataError(f"could not download CIFAR-100 from {URL}: {e}") from None
         root = locate(data_dir)
     if not (root / "train").exists():
@@ -117,7 +138,29 @@ def build_transform(recipe, epoch):
         return v2.Compose(basic + [v2.RandomRotation(15),
                                    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
                                    v2.RandomErasing(p=0.25)])
+    if recipe.augment == "robust":   # the kinds of damage the corrupted test set holds, now and then
+        noise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=0.06),
+                            v2.ToDtype(torch.uint8, scale=True)])   # GaussianNoise works on [0, 1] floats
+        p = recipe.corrupt_p
+        return v2.Compose([v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(),
+                           v2.AugMix(), v2.RandomApply([v2.JPEG((20, 90))], p=p),
+                           v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=p), v2.RandomApply([noise], p=p)])
     raise ValueError(f"unknown augment {recipe.augment!r}")
+
+
+def batch_mixer(recipe):
+    """CutMix and/or MixUp on a training batch (one or the other per batch when both are on), or None.
+    (uint8 images N×H×W×C, labels N) -> (float images on the 0..255 scale, soft targets N×classes)."""
+    mixers = [v2.MixUp(alpha=recipe.mixup_alpha, num_classes=NUM_CLASSES)] if recipe.mixup_alpha > 0 else []
+    mixers += [v2.CutMix(alpha=recipe.cutmix_alpha, num_classes=NUM_CLASSES)] if recipe.cutmix_alpha > 0 else []
+    if not mixers:
+        return None
+    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def mixed(images, labels):
+        chw, targets = mix(images.permute(0, 3, 1, 2).float(), labels)   # torchvision cuts boxes in C×H×W
+        return chw.permute(0, 2, 3, 1), targets
+    return mixed
 
 
 class ImageDataset(torch.utils.data.Dataset):

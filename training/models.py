@@ -1,5 +1,7 @@
-"""The three networks, each behind the shared Preprocess: uint8 N×32×32×3 in, logits N×100 out."""
+"""The networks, each behind the shared Preprocess: uint8 N×32×32×3 in, logits N×100 out; and flip test-time
+augmentation, a wrapper that keeps that contract."""
 
+import torch
 from torch import nn
 from torchvision import models
 
@@ -35,12 +37,38 @@ class Classifier(nn.Module):
         return self.net(self.preprocess(images))
 
 
+def with_mirrors(images):
+    """The batch followed by its mirror images (NHWC: dimension 2 is the width): 2N images."""
+    return torch.cat([images, images.flip(2)])
+
+
+def mean_of_mirrors(logits):
+    """Logits of with_mirrors(images) -> the mean over each image and its mirror: N rows."""
+    n = logits.shape[0] // 2
+    return (logits[:n] + logits[n:]) / 2
+
+
+class FlipAveraged(nn.Module):
+    """Flip test-time augmentation: the mean of the logits of each image and its mirror, in one call of 2N images.
+    Same contract as the model it wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return mean_of_mirrors(self.model(with_mirrors(images)))
+
+
+TTA = {"none": lambda model: model, "flip": FlipAveraged}   # what `--tta` may name: the wrapper of each
+
+
 class WeightsUnavailable(Exception):
     pass
 
 
-def _imagenet_resnet50():
-    weights = models.ResNet50_Weights.IMAGENET1K_V2
+def _imagenet_resnet50(name):
+    weights = getattr(models.ResNet50_Weights, name)
     try:  # from TORCH_HOME's cache, else downloaded
         return models.resnet50(weights=weights)
     except Exception as e:
@@ -57,15 +85,20 @@ def build_network(recipe):
         net.fc = nn.Sequential(nn.Dropout(recipe.dropout), nn.Linear(512, NUM_CLASSES))
         return net
     if recipe.arch == "resnet50":
-        if recipe.weights == "imagenet":
-            net = _imagenet_resnet50()
+        if recipe.weights in ("IMAGENET1K_V1", "IMAGENET1K_V2"):
+            net = _imagenet_resnet50(recipe.weights)
         elif recipe.weights == "none":
             net = models.resnet50(weights=None)
         else:
-            raise ValueError(f"unknown weights {recipe.weights!r} (imagenet | none)")
+            raise ValueError(f"unknown weights {recipe.weights!r} (IMAGENET1K_V1 | IMAGENET1K_V2 | none)")
         net.fc = nn.Sequential(nn.Dropout(recipe.dropout), nn.BatchNorm1d(2048), nn.Linear(2048, NUM_CLASSES))
         return net
     raise ValueError(f"unknown arch {recipe.arch!r}")
+
+
+def head(net):
+    """The network's last layer, new for CIFAR-100 in every recipe (its learning rate may differ: head_lr_mult)."""
+    return net.fc if hasattr(net, "fc") else net.classifier[-1]
 
 
 def freeze_all_but_last(module, n):

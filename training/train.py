@@ -9,40 +9,61 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .contract import IMAGE_SHAPE
-from .data import ImageDataset, build_transform, load_cifar100, split_train_val
+from .data import ImageDataset, batch_mixer, build_transform, load_cifar100, split_train_val
 from .files import save_figure, write_json
-from .models import build_classifier
+from .models import build_classifier, head
 from .recipes import RECIPES, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
 
 def build_optimizer(recipe, model):
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimiser over the trainable parameters; the head's learning rate is lr × head_lr_mult."""
+    head_params = {id(p) for p in head(model.net).parameters()} if hasattr(model, "net") else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in head_params], "lr": recipe.lr},
+              {"params": [p for p in trainable if id(p) in head_params], "lr": recipe.lr * recipe.head_lr_mult}]
+    groups = [g for g in groups if g["params"]]
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
-def build_scheduler(recipe, optimizer):
-    """Stepped once per epoch."""
+def steps_per_batch(recipe):
+    """Whether the schedule steps after every batch (else after every epoch)."""
+    return recipe.schedule == "warmup_cosine"
+
+
+def build_scheduler(recipe, optimizer, steps_per_epoch=1):
+    """The learning-rate schedule, stepped once per epoch, or once per batch when steps_per_batch(recipe)."""
     S = torch.optim.lr_scheduler
     if recipe.schedule == "step":
         return S.StepLR(optimizer, step_size=1, gamma=recipe.step_gamma)
     if recipe.schedule == "cosine":
         return S.CosineAnnealingLR(optimizer, T_max=recipe.epochs, eta_min=recipe.min_lr)
     if recipe.schedule == "warmup_restarts":
-        warmup = S.LinearLR(optimizer, start_factor=1.0 / (recipe.warmup_epochs + 1), total_iters=recipe.warmup_epochs)
+        warmup_epochs = round(recipe.warmup_epochs)
+        warmup = S.LinearLR(optimizer, start_factor=1.0 / (warmup_epochs + 1), total_iters=warmup_epochs)
         restarts = S.CosineAnnealingWarmRestarts(optimizer, T_0=recipe.restart_period, T_mult=recipe.restart_mult,
                                                  eta_min=recipe.min_lr)
-        return S.SequentialLR(optimizer, [warmup, restarts], milestones=[recipe.warmup_epochs])
+        return S.SequentialLR(optimizer, [warmup, restarts], milestones=[warmup_epochs])
+    if recipe.schedule == "warmup_cosine":   # linear from ~0 to lr, then one cosine down to min_lr, per batch
+        warmup = max(1, round(recipe.warmup_epochs * steps_per_epoch))
+        total, floor = max(warmup + 1, recipe.epochs * steps_per_epoch), recipe.min_lr / recipe.lr
+
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            return floor + (1 - floor) * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup)))) / 2
+        return S.LambdaLR(optimizer, factor)
     raise ValueError(f"unknown schedule {recipe.schedule!r}")
 
 
@@ -66,14 +87,6 @@ def find_batch_size(model, device, cap):
     model.train()
     log.info("batch-size finder: %d (cap %d)", size, cap)
     return size
-
-
-def mixup(images, labels, alpha):
-    """Blend each image with another of the batch; returns (images, labels_b, lam)."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(len(labels), device=images.device)
-    images = images.float()  # Preprocess accepts float pixels on the 0..255 scale too
-    return lam * images + (1 - lam) * images[perm], labels[perm], lam
 
 
 class EarlyStopping:
@@ -105,25 +118,25 @@ def evaluate(model, loader, device):
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def train_one_epoch(model, loader, optimizer, recipe, device, progress):
+def train_one_epoch(model, loader, optimizer, recipe, device, progress, mixer=None, after_step=lambda: None):
+    """One pass over LOADER; after_step runs after every optimiser step (a per-batch schedule, the EMA)."""
     model.train()
     loss_sum, correct, count, start = 0.0, 0, 0, time.perf_counter()
     for images, labels in progress(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        targets_b, lam = labels, 1.0
-        if recipe.mixup_alpha > 0:
-            images, targets_b, lam = mixup(images, labels, recipe.mixup_alpha)
+        targets = labels
+        if mixer is not None:   # CutMix/MixUp: float images, soft targets
+            images, targets = mixer(images, labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
         logits = logits.float()
-        loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
-        if lam < 1.0:
-            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, targets_b, label_smoothing=recipe.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
+        after_step()
         loss_sum += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         count += len(labels)
@@ -176,8 +189,9 @@ def _start_tracking(mode, recipe, run_dir):
 
 
 def train(part, data_dir, out="runs", overrides=None, device="auto", resume=False, wandb_mode=None, workers=2,
-          download=False):
-    """Train one recipe; returns the metrics dict (also written to OUT/PART/metrics.json)."""
+          download=False, pause_after=None):
+    """Train one recipe; returns the metrics dict (also written to OUT/PART/metrics.json). With pause_after, stop
+    after that many epochs of this run, leaving last.pt for a `resume` (returns None then)."""
     overrides = overrides or {}
     rank, world, device = _setup_distributed(device)
     run_dir = Path(out) / part
@@ -200,17 +214,32 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
         b = torch.tensor([batch_size], device=device)
         dist.all_reduce(b, op=dist.ReduceOp.MIN)
         batch_size = int(b)
+    steps_per_epoch = len(train_set) // (batch_size * world) if world > 1 else math.ceil(len(train_set) / batch_size)
     optimizer = build_optimizer(recipe, model)
-    scheduler = build_scheduler(recipe, optimizer)
+    scheduler = build_scheduler(recipe, optimizer, steps_per_epoch)
+    # The moving average of the weights, when the recipe keeps one, is what is validated, checkpointed as best
+    # and exported (use_buffers: BatchNorm statistics are averaged too).
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
+        if recipe.ema_decay else None
+    judged = ema.module if ema is not None else model
     progress = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_val_loss": math.inf, "stale_epochs": 0}
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resumed["ema"])
         progress = resumed["progress"]
         log.info("resuming %s at epoch %d", part, progress["epoch"] + 1)
     stopper = EarlyStopping(recipe.early_stop_patience, progress["best_val_loss"], progress["stale_epochs"])
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    mixer, per_batch = batch_mixer(recipe), steps_per_batch(recipe)
+
+    def after_step():
+        if per_batch:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
 
     loader_args = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
@@ -232,9 +261,10 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
             train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
         bar = lambda it: tqdm(it, desc=f"{part} epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=rank != 0)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(ddp_model, train_loader, optimizer, recipe, device, bar)
-        val_loss, val_acc = evaluate(model, val_loader, device)
-        scheduler.step()
+        stats = train_one_epoch(ddp_model, train_loader, optimizer, recipe, device, bar, mixer, after_step)
+        val_loss, val_acc = evaluate(judged, val_loader, device)
+        if not per_batch:
+            scheduler.step()
         stop = stopper.step(val_loss)
         row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_acc": val_acc}
         progress["history"].append(row)
@@ -249,19 +279,25 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
                 tracker.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
                 save_checkpoint(run_dir / "best.pt", checkpoint_state(
-                    model, recipe, data.classes, metrics={"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}))
+                    judged, recipe, data.classes, metrics={"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}))
             save_checkpoint(run_dir / "last.pt", checkpoint_state(
                 model, recipe, data.classes, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                progress=progress))
+                progress=progress, **({"ema": ema.state_dict()} if ema is not None else {})))
         if stop:
             log.info("early stopping: validation loss has not improved for %d epochs", stopper.stale)
             break
+        if pause_after is not None and progress["epoch"] < recipe.epochs and \
+                progress["epoch"] - (resumed["progress"]["epoch"] if resumed else 0) >= pause_after:
+            log.info("%s: paused after epoch %d of %d; continue with --resume", part, progress["epoch"], recipe.epochs)
+            if world > 1:
+                dist.destroy_process_group()
+            return None
 
     metrics = None
     if rank == 0:
         best = load_checkpoint(run_dir / "best.pt")
-        model.load_state_dict(best["model"])
-        test_loss, test_acc = evaluate(model, test_loader, device)
+        judged.load_state_dict(best["model"])
+        test_loss, test_acc = evaluate(judged, test_loader, device)
         history = progress["history"]
         metrics = {"part": part, "test_acc": test_acc, "test_loss": test_loss, "best_val_acc": progress["best_val_acc"],
                    "best_epoch": best["metrics"]["epoch"], "epochs_run": progress["epoch"],
