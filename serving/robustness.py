@@ -6,7 +6,7 @@ RobustBench reports (known only when the files are named, as CIFAR-100-C's are).
 """
 import numpy as np
 
-from training.data import COMMON_CORRUPTIONS, SEVERITIES
+from training.cifar100c import COMMON_CORRUPTIONS, SEVERITIES
 from training.files import save_figure, write_json
 
 

@@ -31,11 +31,10 @@ from tqdm import tqdm
 
 from serving.access import AccessError, bearer_headers
 from training import contract
-from training.contract import CHECKPOINT_FILE, NUM_CLASSES, ONNX_FILE, BatchError, check_batch
+from training.contract import CHECKPOINT_FILE, NUM_CLASSES, ONNX_FILE, TTA, BatchError, check_batch
 from serving.robustness import accuracy_report, table_text, write_report
-from training.data import C_FOLDER, C_MD5, C_URL, CORRUPTIONS
+from training import cifar100c
 from training.download import DownloadError, download_and_extract
-from training.models import TTA
 from training.files import atomic_path, write_json
 
 N_FILES, N_SEVERITIES = 19, 5       # the Kaggle layout: 19 corruptions, 5 severities each
@@ -82,12 +81,12 @@ def open_ood_dir(ood_dir):
     or of a CIFAR-100-C folder (<corruption>.npy …, labels.npy; also when given the folder holding CIFAR-100-C/),
     as read-only memory maps, all checked before anything is sent."""
     ood_dir = Path(ood_dir)
-    if (ood_dir / C_FOLDER).is_dir():
-        ood_dir = ood_dir / C_FOLDER
+    if (ood_dir / cifar100c.FOLDER).is_dir():
+        ood_dir = ood_dir / cifar100c.FOLDER
     if not ood_dir.is_dir():
         raise ScoreError(f"no OOD folder at {ood_dir}")
     kaggle = [ood_dir / f"distortion{k:02d}.npy" for k in range(N_FILES)]
-    named = [ood_dir / f"{name}.npy" for name in CORRUPTIONS]
+    named = [ood_dir / f"{name}.npy" for name in cifar100c.CORRUPTIONS]
     layout, paths = ("kaggle", kaggle) if any(p.is_file() for p in kaggle) or not any(p.is_file() for p in named) \
         else ("cifar100c", named)
     missing = [p.name for p in paths if not p.is_file()]
@@ -417,7 +416,7 @@ def main(argv=None):
                                                           "a store tag, an .onnx file or a training checkpoint (.pt)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
                    help="backend for --direct (default %(default)s)")
-    p.add_argument("--tta", choices=sorted(TTA), default=None,
+    p.add_argument("--tta", choices=TTA, default=None,
                    help="--direct with a checkpoint or the torch backend: test-time augmentation (default: the "
                         "model's own, none for a checkpoint)")
     p.add_argument("--out", required=True, help="the CSV to write")
@@ -428,7 +427,7 @@ def main(argv=None):
     p.add_argument("--clean", metavar="DATA_DIR", help="with --report: also score the CIFAR-100 test split in "
                                                        "DATA_DIR, for the clean accuracy beside the corrupted one")
     p.add_argument("--download", action="store_true",
-                   help=f"download CIFAR-100-C ({C_URL}, 2.9 GB, resumable) into --ood-dir when it is not there")
+                   help=f"download CIFAR-100-C ({cifar100c.URL}, 2.9 GB, resumable) into --ood-dir when it is not there")
     p.add_argument("--chunk-size", type=int, default=2048, help="images per request (default %(default)s)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once (default %(default)s)")
     p.add_argument("--retries", type=int, default=8,
@@ -483,7 +482,7 @@ def run(a):
     if Path(a.out).is_dir():
         raise ScoreError(f"--out {a.out} is a folder; give the CSV file to write")
     if a.ood_dir and a.download:
-        download_and_extract(C_URL, a.ood_dir, C_MD5, C_FOLDER)
+        download_and_extract(cifar100c.URL, a.ood_dir, cifar100c.MD5, cifar100c.FOLDER)
     if a.ood_dir:
         sources, layout, shared_labels = open_ood_dir(a.ood_dir)
         true_labels = read_labels(a.labels or shared_labels, sources) if a.labels or shared_labels else None

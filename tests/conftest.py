@@ -5,6 +5,8 @@
     model_dir     (session) that store entry's folder
     start_server  (module)  start_server(env={...}) -> "http://127.0.0.1:PORT", a real `bentoml serve` of
                   serving.service:Classifier, waited for /readyz, stopped when the module ends
+    onnx_server   (session) the URL of one such server on ONNX Runtime with the default settings, shared by the
+                  modules that need nothing else (each start costs ~10 s of the suite)
 """
 import os
 import subprocess
@@ -53,6 +55,12 @@ def model_dir(model_store):
     """The store entry's folder: checkpoint.pt, model.onnx, model.yaml."""
     (path,) = (model_store / "models" / MODEL_NAME).glob("*/model.yaml")
     return path.parent
+
+
+@pytest.fixture(scope="session")
+def onnx_server(model_store, tmp_path_factory):
+    with LocalServer(model_store, {"CIFAR100_BACKEND": "onnx"}, run_dir=tmp_path_factory.mktemp("serve")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

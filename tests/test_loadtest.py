@@ -71,8 +71,8 @@ def run_loadtest(*args, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
+def server(onnx_server):
+    return onnx_server
 
 
 def test_headless_run_reports_latency_throughput_and_batching(server, tmp_path):

@@ -6,14 +6,16 @@ import http.server
 import json
 import tarfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from serving import score
 from serving.backends import load_backend
-from training.data import C_FOLDER, COMMON_CORRUPTIONS, CORRUPTIONS, load_cifar100
+from training import cifar100c
+from training.cifar100c import COMMON_CORRUPTIONS, CORRUPTIONS
+from training.cifar100c import FOLDER as C_FOLDER
+from training.data import load_cifar100
 from training.download import DownloadError, download, download_and_extract
 from training.synthetic import write_corrupted, write_dataset
 
@@ -84,8 +86,8 @@ def test_report_per_corruption_and_severity_matches_the_answer_computed_here(dat
     assert rows[0] == "id,label" and rows[1].startswith("gaussian_noise_1_0,") and len(rows) == 1 + 19 * 100
 
 
-def test_the_report_through_the_service_equals_the_one_in_process(data, model_dir, start_server, tmp_path, capsys):
-    url = start_server({"CIFAR100_BACKEND": "onnx"})
+def test_the_report_through_the_service_equals_the_one_in_process(data, model_dir, onnx_server, tmp_path, capsys):
+    url = onnx_server
     for how, target in (("--url", url), ("--direct", model_dir)):
         code, _, _ = run_score(capsys, how, target, "--backend", "onnx", "--ood-dir", data, "--out",
                                tmp_path / f"{how}.csv", "--report", tmp_path / how)
@@ -227,8 +229,8 @@ def test_score_downloads_cifar_100_c_then_scores_it(archive, model_dir, tmp_path
     path, md5 = archive
     server = FlakyFileServer(path)
     server.requests = 1
-    monkeypatch.setattr(score, "C_URL", server.url)
-    monkeypatch.setattr(score, "C_MD5", md5)
+    monkeypatch.setattr(cifar100c, "URL", server.url)
+    monkeypatch.setattr(cifar100c, "MD5", md5)
     try:
         code, out, _ = run_score(capsys, "--direct", model_dir, "--ood-dir", tmp_path / "ood", "--download",
                                  "--out", tmp_path / "s.csv")

@@ -199,8 +199,8 @@ ONNX = {"CIFAR100_BACKEND": "onnx"}   # the runs are compared byte for byte with
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(ONNX)
+def server(onnx_server):
+    return onnx_server
 
 
 @pytest.fixture(scope="module")

@@ -352,14 +352,18 @@ def test_part1_command_reaches_far_above_chance(tmp_path):
     assert not list(run.glob(".*.tmp")), "temporary files left behind"
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    result = run_cli("part1", "--data-dir", str(tmp_path), "--wandb", "disabled")
-    assert result.returncode != 0 and result.stderr.strip().startswith("error: no CIFAR-100 at")
-    assert len(result.stderr.strip().splitlines()) == 1
-    result = run_cli("part1", "--data-dir", str(tmp_path), "--resume", "--out", str(tmp_path), "--wandb", "disabled")
-    assert result.returncode != 0 and "error: no checkpoint at" in result.stderr
-    result = run_cli("part1", "--data-dir", str(tmp_path), "--lr", "fast")
-    assert result.returncode == 2 and "--lr" in result.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from training.__main__ import main   # in this process: what `sys.exit(message)` would print, one line
+
+    def error(*args):
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--wandb", "disabled"])
+        return done.value.code
+    message = error("part1", "--data-dir", str(tmp_path))
+    assert message.startswith("error: no CIFAR-100 at") and "\n" not in message
+    assert error("part1", "--data-dir", str(tmp_path), "--resume", "--out", str(tmp_path)).startswith(
+        "error: no checkpoint at")
+    assert error("part1", "--data-dir", str(tmp_path), "--lr", "fast") == 2 and "--lr" in capsys.readouterr().err
 
 
 def test_help_shows_each_recipe_option_with_its_meaning_and_the_parts_default(capsys):

@@ -50,8 +50,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server({"CIFAR100_BACKEND": "onnx"})
+def server(onnx_server):
+    return onnx_server
 
 
 def write_image(path, pixels):

@@ -13,6 +13,7 @@ NUM_CLASSES = 100
 INPUT = "uint8 N×32×32×3 (NHWC, RGB)"
 OUTPUT = "float32 logits N×100"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the ONNX graph's input and output (and the engine's)
+TTA = ("none", "flip")   # test-time augmentation an artifact may hold inside (training/models.py builds it)
 
 # The model store entry and its files.
 MODEL_NAME = "cifar100-classifier"

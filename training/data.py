@@ -24,17 +24,6 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published with the archive
 FOLDER = "cifar-100-python"
 
-# CIFAR-100-C (Hendrycks & Dietterich, 2019): the test set under 19 corruptions, each <corruption>.npy uint8
-# [50000, 32, 32, 3] (severity 1..5 in blocks of 10,000), with one labels.npy [50000] for them all. The course's
-# Kaggle test set has the same layout. RobustBench reports the mean over the first 15 ("common") corruptions.
-C_URL = "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar"
-C_MD5 = "11f0ed0f1191edbf9fa23466ae6021d3"
-C_FOLDER = "CIFAR-100-C"
-COMMON_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                      "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-                      "jpeg_compression")
-CORRUPTIONS = COMMON_CORRUPTIONS + ("gaussian_blur", "saturate", "spatter", "speckle_noise")
-SEVERITIES = 5
 
 
 class DataError(Exception):

@@ -60,7 +60,7 @@ class FlipAveraged(nn.Module):
         return mean_of_mirrors(self.model(with_mirrors(images)))
 
 
-TTA = {"none": lambda model: model, "flip": FlipAveraged}   # what `--tta` may name: the wrapper of each
+TTA = {"none": lambda model: model, "flip": FlipAveraged}   # contract.TTA's names: the wrapper of each
 
 
 class WeightsUnavailable(Exception):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .data import C_FOLDER, CORRUPTIONS, SEVERITIES
+from .cifar100c import CORRUPTIONS, FOLDER, SEVERITIES
 from .files import atomic_path
 
 CLASSES = [f"class_{i:02d}" for i in range(100)]
@@ -93,7 +93,7 @@ def write_corrupted(out_dir, per_severity=100, seed=0):
     rng = np.random.default_rng(seed + 2)
     labels = rng.permutation(np.resize(np.arange(100), per_severity))
     clean = torch.from_numpy(make_images(labels, rng, seed)).permute(0, 3, 1, 2)
-    root = Path(out_dir) / C_FOLDER
+    root = Path(out_dir) / FOLDER
     torch.manual_seed(seed)
     for name in CORRUPTIONS:
         blocks = [corrupt(name, clean, s).permute(0, 2, 3, 1).numpy() for s in range(1, SEVERITIES + 1)]
