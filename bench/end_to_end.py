@@ -266,6 +266,9 @@ def table(s):
     if auto := info.get("auto"):
         rows.append(("service backend (auto)", info["backend"],
                      ", ".join(f"{k} {v:,} img/s" for k, v in auto["img_per_s"].items()) + f" at batch {auto['batch']}"))
+    if workers := info.get("workers"):
+        rows.append(("service model workers", str(len(workers)),
+                     ", ".join(f"worker {w['worker']}: {w['device'].get('gpu', w['device']['device'])}" for w in workers)))
     if warmup := info.get("warmup_seconds"):
         rows.append(("service torch.compile warm-up", f"{sum(warmup.values()):.0f} s",
                      ", ".join(f"b{k} {v} s" for k, v in warmup.items())))

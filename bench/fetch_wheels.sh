@@ -25,7 +25,7 @@ REQUIRED=(
 # Imported by our code (export fp16, score progress bar, loadtest report/plots, HTTP client): small, and
 # installed only where the image lacks them so that nothing the image ships is shadowed.
 IF_MISSING=(
-  tqdm onnxconverter-common requests urllib3 idna certifi charset-normalizer prometheus-client
+  tqdm onnxconverter-common requests urllib3 idna certifi charset-normalizer prometheus-client nvidia-ml-py pyyaml
   matplotlib contourpy kiwisolver fonttools cycler pyparsing python-dateutil
 )
 

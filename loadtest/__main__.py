@@ -27,6 +27,7 @@ from . import REFUSED, report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_USERS, MAX_SPAWN_RATE, MAX_SECONDS = 256, 100, 1800
+USERS_PER_WORKER = 8   # half of them upload images, half send batches
 
 
 class LoadTestError(Exception):
@@ -75,14 +76,19 @@ def wait_ready(host, timeout=10.0):
         time.sleep(0.5)
 
 
-def check_access(host):
-    """A clear error now, rather than every request of the run failing with 401."""
+def model_workers(host):
+    """The service's number of model workers, from /info; a 401 is a clear error now, rather than every request of
+    the run failing with it."""
     try:
         response = requests.get(f"{host}/info", headers=bearer_headers(), timeout=10)
     except AccessError as e:
         raise LoadTestError(str(e)) from None
     if response.status_code == 401:
         raise LoadTestError(f"{host} wants a token (HTTP 401): set CIFAR100_API_TOKEN or CIFAR100_API_TOKEN_FILE")
+    try:
+        return len(response.json().get("workers") or []) or 1
+    except ValueError:
+        return 1
 
 
 def run_locust(a, users, out):
@@ -128,7 +134,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
     p.add_argument("--host", default="http://127.0.0.1:3000", help="the service (loopback only; default %(default)s)")
-    p.add_argument("--users", type=int, default=8, help=f"concurrent users, 1..{MAX_USERS} (default %(default)s)")
+    p.add_argument("--users", type=int, default=None,
+                   help=f"concurrent users, 1..{MAX_USERS} (default: {USERS_PER_WORKER} per model worker of the service)")
     p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
     p.add_argument("--run-time", type=seconds, default=30, help=f"e.g. 30s, 2m; at most {MAX_SECONDS} s (default 30s)")
     p.add_argument("--tags", nargs="+", choices=["images", "batch"], help="only these users (default both)")
@@ -138,7 +145,7 @@ def main(argv=None):
     p.add_argument("--out", default="loadtest-report", help="folder for the reports (default %(default)s)")
     a = p.parse_args(argv)
     try:
-        counts = [int(x) for x in a.sweep.split(",")] if a.sweep else [a.users]
+        counts = [int(x) for x in a.sweep.split(",")] if a.sweep else [1 if a.users is None else a.users]
     except ValueError:
         p.error(f"--sweep takes comma-separated user counts, got {a.sweep!r}")
     if not all(1 <= u <= MAX_USERS for u in counts):
@@ -152,7 +159,9 @@ def main(argv=None):
     try:
         a.host = loopback_host(a.host)
         wait_ready(a.host)
-        check_access(a.host)
+        workers = model_workers(a.host)
+        if not a.sweep and a.users is None:   # enough users to keep every model worker busy
+            counts = [min(MAX_USERS, USERS_PER_WORKER * workers)]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         summaries = [run_locust(a, u, out) for u in counts]

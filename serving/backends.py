@@ -39,8 +39,14 @@ def cuda_available():
         return False
 
 
-def cpu_threads():
+def cpu_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads():
+    """Threads for a model on the CPU: CIFAR100_CPU_THREADS (a model worker's share, serving/devices.py), else all
+    the cores this process may use."""
+    return int(os.environ.get("CIFAR100_CPU_THREADS", 0)) or cpu_cores()
 
 
 class Backend:

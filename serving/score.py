@@ -42,6 +42,7 @@ N_FILES, N_SEVERITIES = 19, 5       # the Kaggle layout: 19 corruptions, 5 sever
 # (a chunk is idempotent, so sending it twice is harmless; every retry is reported).
 RETRY_STATUS = {429, 500, 502, 503, 504}
 MAX_DELAY = 30.0                      # seconds, the longest wait between two tries
+IN_FLIGHT_PER_WORKER = 4              # requests at once per model worker: one computing, the next ones arriving
 
 
 class ScoreError(Exception):
@@ -270,6 +271,7 @@ class ServiceScorer:
         except ValueError:
             raise ScoreError(f"{self.url}/info did not answer JSON; is this the CIFAR-100 service?") from None
         metadata = info.get("metadata") or {}
+        self.model_workers = len(info.get("workers") or []) or 1
         return {"service": {"model": info.get("model"), "checkpoint_sha256": metadata.get("checkpoint_sha256"),
                             "backend": info.get("backend"), "precision": info.get("precision")}}
 
@@ -429,7 +431,8 @@ def main(argv=None):
     p.add_argument("--download", action="store_true",
                    help=f"download CIFAR-100-C ({cifar100c.URL}, 2.9 GB, resumable) into --ood-dir when it is not there")
     p.add_argument("--chunk-size", type=int, default=2048, help="images per request (default %(default)s)")
-    p.add_argument("--in-flight", type=int, default=4, help="requests at once (default %(default)s)")
+    p.add_argument("--in-flight", type=int, default=None,
+                   help=f"requests at once (default: {IN_FLIGHT_PER_WORKER} per model worker of the service)")
     p.add_argument("--retries", type=int, default=8,
                    help="retries per request after its first try, 0: none (default %(default)s)")
     p.add_argument("--backoff", type=float, default=0.5,
@@ -442,7 +445,7 @@ def main(argv=None):
     p.add_argument("--json", help="also write the run's figures (images, seconds, img/s, accuracy, ...) to this file")
     a = p.parse_args(argv)
     for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight)):
-        if value < 1:
+        if value is not None and value < 1:
             p.error(f"{name} must be at least 1")
     if a.retries < 0:
         p.error("--retries must be at least 0")
@@ -496,7 +499,8 @@ def run(a):
     total = sum(len(s.images) for s in sources)
     scorer = DirectScorer(a.direct, a.backend, tta=a.tta) if a.direct else \
         ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate, a.patience)
-    model, in_flight = scorer.describe(), 1 if a.direct else a.in_flight
+    model = scorer.describe()
+    in_flight = 1 if a.direct else a.in_flight or IN_FLIGHT_PER_WORKER * scorer.model_workers
 
     per_source, chunks, labels, new_images, seconds, progress = predict(sources, a.chunk_size, scorer, model,
                                                                         f"{a.out}.parts", in_flight)

@@ -3,19 +3,18 @@
 Two services in one `bentoml serve`:
   Model       owns the backend (serving/backends.py) and its adaptive batching: `predict` (bulk requests) and
               `predict_small` (up to SMALL_BATCH images) are batchable APIs, so BentoML's dispatcher merges
-              concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back.
+              concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back. One
+              worker per visible GPU, each bound to its own (serving/devices.py, serving/workers.py).
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
-              (.npy, raw or multipart, or image files), calls the Model, shapes JSON; GET /info.
+              (.npy, raw or multipart, or image files), calls the Model, shapes JSON; GET /info, the page /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
-as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere).
+as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere). With CIFAR100_PROCESSES=1 the front
+holds the model itself and batches in-process (serving/batching.py).
 
-Environment: CIFAR100_MODEL (default: the latest model of the store's MODEL_NAME), CIFAR100_BACKEND (auto|torch|onnx|tensorrt),
-CIFAR100_MAX_BATCH_SIZE (images per model call, 1024), CIFAR100_MAX_LATENCY_MS (30000: requests waiting
-longer are refused with 503), CIFAR100_MAX_IMAGES (images per request, 4096), CIFAR100_MAX_BODY_MB (64),
-CIFAR100_MAX_INFLIGHT_MB (request bytes held at once, 256: more are refused with 503),
-CIFAR100_WORKERS (front processes, 1), CIFAR100_PROCESSES (2: front + model process; 1: the front runs the
-model), CIFAR100_MAX_PIXELS (per uploaded image, 40M), CIFAR100_API_TOKEN or
-CIFAR100_API_TOKEN_FILE (require `Authorization: Bearer <token>`; serving/access.py).
+Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
+CIFAR100_MAX_BATCH_SIZE, CIFAR100_MAX_LATENCY_MS, CIFAR100_MAX_IMAGES, CIFAR100_MAX_BODY_MB,
+CIFAR100_MAX_INFLIGHT_MB, CIFAR100_WORKERS, CIFAR100_PROCESSES, CIFAR100_MODEL_WORKERS, CIFAR100_MAX_PIXELS,
+CIFAR100_API_TOKEN(_FILE).
 """
 import asyncio
 import logging
@@ -31,10 +30,10 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from serving import access, bentoml_fixes
+from serving import access, bentoml_fixes, devices, workers
 from serving.admission import Overloaded
 from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
-from serving.backends import load_backend
+from serving.backends import cpu_cores, load_backend
 from serving.batching import Batcher
 from serving.guard import RequestGuard, error
 from serving.images import InputError, decode_image, read_npy
@@ -60,21 +59,24 @@ bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this m
 # 2: an HTTP front process and a model process (the front's parsing never competes with the model for its GIL;
 # the model process is the unit the scale-out builds on); 1: the front runs the model (no second hop).
 PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
+MODEL_WORKERS = devices.worker_count(os.environ.get("CIFAR100_MODEL_WORKERS"))   # one per visible GPU by default
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
 SMALL_BATCH = 16      # requests of up to this many images have a batcher of their own
 
 
 class ModelHost:
-    """The backend with its call statistics and description: held by the Model service, or, in the one-process
-    layout, by the front itself."""
+    """The backend with its call statistics and description: held by each Model worker, or, in the one-process
+    layout, by the front itself. A worker's STATE (serving/workers.py) passes its readiness and statistics on."""
 
-    def __init__(self, stored):
-        self.tag, self.metadata = str(stored.tag), dict(stored.info.metadata)
+    def __init__(self, stored, state=None):
+        self.tag, self.metadata, self.state = str(stored.tag), dict(stored.info.metadata), state
         self.backend = load_backend(BACKEND, stored.path)
         self.backend.warmup()
         self.stats_lock = threading.Lock()
         self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
         log.info("loaded %s on %s", self.tag, self.backend.describe())
+        if state is not None:
+            state.update(force=True, ready=True, backend=self.backend.name, stats=dict(self.stats))
 
     def run(self, images):
         start = time.perf_counter()
@@ -85,13 +87,19 @@ class ModelHost:
             s["images"] += len(images)
             s["largest_call"] = max(s["largest_call"], len(images))
             s["seconds"] += time.perf_counter() - start
+            if self.state is not None:
+                self.state.update(stats=dict(s))
         return logits
 
     def describe(self):
+        with self.stats_lock:
+            stats = dict(self.stats)
+            if self.state is not None:
+                self.state.update(force=True, stats=stats)
         return {"model": self.tag, "metadata": self.metadata, **self.backend.describe(),
                 "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
                              "max_images_per_request": MAX_IMAGES, "small_batch": SMALL_BATCH,
-                             "processes": PROCESSES}, "stats": dict(self.stats)}
+                             "processes": PROCESSES}, "stats": stats}
 
 
 # runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
@@ -99,13 +107,17 @@ class ModelHost:
 # "Server disconnected" (and once, probably the same cause, one hung until the traffic timeout). One local
 # worker needs no refresh. No access log: the front logs each request; a second line per internal call
 # doubled the log and cost this process 5-8% of its CPU per /classify.
-@bentoml.service(traffic={"timeout": 300}, workers=1, logging={"access": {"enabled": False}},
+@bentoml.service(traffic={"timeout": 300}, workers=MODEL_WORKERS, logging={"access": {"enabled": False}},
                  runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
 class Model:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self):
-        self.host = ModelHost(self.model_ref)
+        # Each worker binds itself to its own device before anything starts CUDA (serving/devices.py).
+        index = bentoml.server_context.worker_index or 1
+        device = devices.bind_worker(index, MODEL_WORKERS, cpu_cores())
+        log.info("model worker %d of %d: %s", index, MODEL_WORKERS, device)
+        self.host = ModelHost(self.model_ref, workers.WorkerState(index, device))
 
     # Two batchers over one backend, split by request size: a small request never queues behind bulk ones in
     # the same batcher, and each batcher's shedding (max_latency_ms) judges requests of one kind.
@@ -249,7 +261,8 @@ class Classifier:
             await asyncio.sleep(0.2)
 
     async def __is_ready__(self):
-        return self.ready
+        """Ready once warmed up and, in the two-process layout, once every model worker says it is."""
+        return self.ready and (self.batcher is not None or workers.all_ready(workers.read_all(), MODEL_WORKERS))
 
     async def _class_names(self):
         if self.classes is None:
@@ -260,6 +273,9 @@ class Classifier:
         info = await self._model_info()
         info["batching"]["max_body_bytes"] = MAX_BODY_BYTES
         info["front_workers"] = WORKERS
+        if self.batcher is None:   # the model workers, each from its own state: one call reaches only one of them
+            info["workers"] = workers.read_all()
+            info["stats"] = workers.total_stats(info["workers"])
         return info
 
     async def classify_npy(self, data, probabilities):

@@ -152,13 +152,15 @@ def test_the_table_answers_the_questions(tmp_path):
          "score_direct": {"complete": False, "images": 500_000, "seconds": 40.0, "img_per_s": 12_500.0},
          "locust_low": {"endpoints": {"/classify": endpoint}}, "seconds": 400,
          "service_info": {"backend": "torch", "auto": {"batch": 256, "img_per_s": {"torch": 16900}, "left_out": {}},
-                          "warmup_seconds": {"256": 40.2, "128": 1.1, "8": 5.5}}}
+                          "warmup_seconds": {"256": 40.2, "128": 1.1, "8": 5.5},
+                          "workers": [{"worker": 1, "device": {"gpu": "0", "device": "cuda:0"}}]}}
     e2e.finish(s, tmp_path)
     assert s["ratios"]["service_over_raw"] == pytest.approx(10_000 / 17_067)   # the service's own backend, raw
     assert s["ratios"]["service_over_direct"] == pytest.approx(0.8)
     text = e2e.table(s)
     assert "16,732 img/s" in text and "not measured" in text and "tensorrt" in text and "top-1 = fp32 on 99.6%" in text
     assert re.search(r"service backend \(auto\)\s+torch\s+torch 16,900 img/s at batch 256", text)
+    assert re.search(r"service model workers\s+1\s+worker 1: 0", text)
     assert re.search(r"service torch.compile warm-up\s+47 s\s+b256 40.2 s, b128 1.1 s, b8 5.5 s", text)
     assert re.search(r"service scoring: 950,000 images\s+95 s\s+measured", text)
     assert re.search(r"direct scoring \(no service\): 950,000 images\s+76 s\s+projected", text)

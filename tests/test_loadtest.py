@@ -38,6 +38,7 @@ def test_cli_refuses_remote_hosts_and_unbounded_runs():
     remote = run("--host", "http://192.0.2.1:3000")
     assert remote.returncode == 1 and "loopback" in remote.stderr
     assert run("--users", "100000").returncode == 2
+    assert run("--users", "0").returncode == 2   # not "the default"
     assert run("--run-time", "10h").returncode == 2
 
 

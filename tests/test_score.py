@@ -127,6 +127,8 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     done = run_cli("--ood-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv"))
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: no OOD folder at {tmp_path / 'nowhere'}"
+    zero = run_cli("--ood-dir", str(tmp_path), "--out", str(tmp_path / "x.csv"), "--in-flight", "0")
+    assert zero.returncode == 2 and "--in-flight must be at least 1" in zero.stderr   # not "the default"
 
 
 def test_labels_file_is_checked_up_front(tmp_path, ood, counting_server, capsys):

@@ -1,0 +1,52 @@
+"""Which device each model worker uses: one worker per visible GPU by default, each bound to its own.
+
+BentoML 1.4.40 gives every worker of a service the same CUDA_VISIBLE_DEVICES, and numbers them from 1
+(`bentoml.server_context.worker_index`). So each worker narrows CUDA_VISIBLE_DEVICES to its own GPU itself, before
+anything in it starts CUDA: then the torch, ONNX Runtime and TensorRT backends all see exactly one device, as
+`cuda:0`. With more workers than GPUs, workers share GPUs round-robin (worker 3 of 2 GPUs gets the first again);
+on the CPU the workers split the cores between them.
+"""
+import os
+
+
+def visible_gpus():
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (else all that NVML sees), found without
+    starting CUDA in this process (which would fix its devices for good)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:   # no driver, no GPU, no NVML library: the CPU
+        return []
+
+
+def worker_count(setting=None, gpus=None):
+    """How many model workers: the setting (CIFAR100_MODEL_WORKERS) when given, else one per visible GPU, else 1."""
+    if setting:
+        if int(setting) < 1:
+            raise ValueError(f"CIFAR100_MODEL_WORKERS must be at least 1, got {setting}")
+        return int(setting)
+    return len(visible_gpus() if gpus is None else gpus) or 1
+
+
+def device_for_worker(index, gpus):
+    """The GPU (a CUDA_VISIBLE_DEVICES name) of worker INDEX (from 1), or None on the CPU."""
+    return gpus[(index - 1) % len(gpus)] if gpus else None
+
+
+def bind_worker(index, workers, cores):
+    """Bind this process, model worker INDEX of WORKERS, to its device before CUDA starts: its GPU (the only one it
+    then sees) or, on the CPU, its share of the cores (CIFAR100_CPU_THREADS, unless set). Returns what it got."""
+    gpus = visible_gpus()
+    gpu = device_for_worker(index, gpus)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        return {"gpu": gpu, "device": "cuda:0"}
+    os.environ.setdefault("CIFAR100_CPU_THREADS", str(max(1, cores // workers)))
+    return {"device": "cpu", "threads": int(os.environ["CIFAR100_CPU_THREADS"])}

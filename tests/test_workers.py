@@ -1,0 +1,115 @@
+"""Model workers: one per visible GPU by default, each bound to its own device; a real `bentoml serve` with two CPU
+workers: both serve, the answers are the one-worker service's, /info and readiness see every worker; the clients
+size their concurrency from the worker count."""
+import concurrent.futures
+import io
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from serving import devices, workers
+from training.checkpoint import load_classifier
+
+RNG = np.random.default_rng(3)
+
+
+def test_worker_count_is_one_per_visible_gpu_unless_set(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
+    assert devices.visible_gpus() == ["2", "5", "7"] and devices.worker_count() == 3
+    assert devices.worker_count("2") == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        devices.worker_count("0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")   # CUDA's way of saying "no GPU"
+    assert devices.visible_gpus() == [] and devices.worker_count() == 1
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """A copy of the environment for bind_worker to change, dropped after the test."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    return os.environ
+
+
+def test_each_worker_binds_to_its_own_gpu_round_robin(environ):
+    assert [devices.device_for_worker(i, ["2", "5"]) for i in (1, 2, 3, 4)] == ["2", "5", "2", "5"]
+    assert devices.device_for_worker(1, []) is None
+    environ["CUDA_VISIBLE_DEVICES"] = "2,5"
+    assert devices.bind_worker(2, 2, cores=16) == {"gpu": "5", "device": "cuda:0"}
+    assert environ["CUDA_VISIBLE_DEVICES"] == "5"   # the only GPU this worker's backends will see
+
+
+def test_on_the_cpu_workers_share_the_cores(environ):
+    environ["CUDA_VISIBLE_DEVICES"] = ""
+    environ.pop("CIFAR100_CPU_THREADS", None)
+    assert devices.bind_worker(1, 2, cores=8) == {"device": "cpu", "threads": 4}
+    from serving.backends import cpu_threads
+    assert cpu_threads() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: binding is checked in a fresh process")
+def test_a_bound_worker_sees_exactly_its_gpu():
+    code = ("from serving import devices; import torch, os\n"
+            "got = devices.bind_worker(1, 1, cores=1)\n"
+            "print(got['gpu'], torch.cuda.device_count(), os.environ['CUDA_VISIBLE_DEVICES'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    gpu, count, visible = done.stdout.split()
+    assert count == "1" and gpu == visible
+
+
+def test_readiness_needs_every_worker_and_statistics_add_up():
+    states = [{"worker": 1, "ready": True, "stats": {"model_calls": 2, "images": 10, "largest_call": 8, "seconds": 0.5}},
+              {"worker": 2, "ready": False}]
+    assert not workers.all_ready(states, 2) and workers.all_ready(states, 1)
+    assert workers.total_stats(states) == {"model_calls": 2, "images": 10, "largest_call": 8, "seconds": 0.5}
+
+
+@pytest.fixture(scope="module")
+def two_workers(start_server):
+    return start_server({"CIFAR100_BACKEND": "onnx", "CIFAR100_MODEL_WORKERS": 2})
+
+
+def npy(images):
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    return buffer.getvalue()
+
+
+def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
+    info = requests.get(f"{two_workers}/info", timeout=10).json()
+    assert [(w["worker"], w["ready"], w["device"]) for w in info["workers"]] == [
+        (1, True, {"device": "cpu", "threads": 1}), (2, True, {"device": "cpu", "threads": 1})]   # 2 cores here
+    assert len({w["pid"] for w in info["workers"]}) == 2
+    model, _ = load_classifier(model_dir / "checkpoint.pt")
+    batches = [RNG.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8) for _ in range(60)]
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
+
+    def classify(images):
+        return session.post(f"{two_workers}/classify_batch", data=npy(images),
+                            headers={"Content-Type": "application/x-npy"}, timeout=60).json()["class_ids"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(classify, batches))
+    with torch.inference_mode():
+        for images, answer in zip(batches, answers):
+            assert answer == model(torch.from_numpy(images)).argmax(1).tolist()
+    time.sleep(workers.WRITE_EVERY_S + 0.2)
+    info = requests.get(f"{two_workers}/info", timeout=10).json()
+    calls = [w["stats"]["model_calls"] for w in info["workers"]]
+    assert all(c > 0 for c in calls), calls   # the load reached both
+    assert info["stats"]["model_calls"] == sum(calls) and info["stats"]["images"] >= 60 * 32
+    assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 200
+
+
+def test_the_clients_keep_every_worker_busy(two_workers, tmp_path):
+    from loadtest.__main__ import USERS_PER_WORKER, model_workers
+    from serving.score import IN_FLIGHT_PER_WORKER, ServiceScorer
+    assert model_workers(two_workers) == 2 and USERS_PER_WORKER == 8
+    scorer = ServiceScorer(two_workers)
+    scorer.describe()
+    assert scorer.model_workers == 2 and IN_FLIGHT_PER_WORKER * scorer.model_workers == 8
