@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, I
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
 AUTO_BATCH = {True: 256, False: 32}   # images per timed call when auto compares backends: on a GPU, on the CPU
+# Request bodies arrive as read-only arrays; the models only read their input, so torch's warning about wrapping
+# one without a copy says nothing here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class BackendError(Exception):
