@@ -253,11 +253,15 @@ def test_batch_size_finder_on_cpu_is_the_largest_power_of_two_under_the_cap():
 # --- the training loop ----------------------------------------------------------------------------
 
 def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path):
-    train("part1", data_dir, tmp_path / "full", dict(QUICK), **RUN)
+    train("part1", data_dir, tmp_path / "full", dict(QUICK, epochs=3), **RUN)
+    # A 1-epoch run, extended to 3 and paused after one more epoch (a resumed run pauses too), then finished.
     train("part1", data_dir, tmp_path / "split", dict(QUICK, epochs=1), **RUN)
-    train("part1", data_dir, tmp_path / "split", dict(QUICK), resume=True, **RUN)
+    split_last = tmp_path / "split" / "part1" / "last.pt"
+    assert train("part1", data_dir, tmp_path / "split", dict(QUICK, epochs=3), resume=True, pause_after=1, **RUN) is None
+    assert load_checkpoint(split_last)["progress"]["epoch"] == 2
+    train("part1", data_dir, tmp_path / "split", dict(QUICK, epochs=3), resume=True, **RUN)
     full, split = (load_checkpoint(tmp_path / d / "part1" / "last.pt") for d in ("full", "split"))
-    assert split["progress"]["epoch"] == full["progress"]["epoch"] == 2
+    assert split["progress"]["epoch"] == full["progress"]["epoch"] == 3
     for key, value in full["model"].items():
         assert torch.equal(value, split["model"][key]), key
     timeless = lambda h: [{k: v for k, v in row.items() if k != "images_per_s"} for row in h["progress"]["history"]]

@@ -248,7 +248,8 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
     log.info("%s: %s at %d px, batch %d x %d process(es), %d train / %d val / %d test images, on %s",
              part, recipe.arch, recipe.resolution, batch_size, world, len(train_set), len(val_set), len(test_set), device)
 
-    for epoch in range(progress["epoch"], recipe.epochs):
+    first_epoch = progress["epoch"]   # of this run (pause_after counts from it)
+    for epoch in range(first_epoch, recipe.epochs):
         # Randomness is a function of (seed, epoch), so a resumed run repeats an uninterrupted one.
         torch.manual_seed(recipe.seed * 100_003 + epoch)
         train_set.transform = build_transform(recipe, epoch)
@@ -286,8 +287,7 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
         if stop:
             log.info("early stopping: validation loss has not improved for %d epochs", stopper.stale)
             break
-        if pause_after is not None and progress["epoch"] < recipe.epochs and \
-                progress["epoch"] - (resumed["progress"]["epoch"] if resumed else 0) >= pause_after:
+        if pause_after is not None and progress["epoch"] < recipe.epochs and progress["epoch"] - first_epoch >= pause_after:
             log.info("%s: paused after epoch %d of %d; continue with --resume", part, progress["epoch"], recipe.epochs)
             if world > 1:
                 dist.destroy_process_group()
