@@ -32,7 +32,7 @@ from PIL import Image
 from bench.service import multipart, request_body
 from bench.soak import tiny_store
 from serving.local_server import LocalServer, process_label, stop_process_group
-from training.contract import random_images
+from training.contract import npy_bytes, random_images
 from training.files import write_json
 
 GB = 2**30
@@ -121,9 +121,7 @@ def main(argv=None):
     home = Path(a.home).expanduser() if a.home else tiny_store(out)
     env = {"CIFAR100_BACKEND": "onnx", "CIFAR100_MAX_LATENCY_MS": a.max_latency_ms,
            **dict(e.split("=", 1) for e in a.env)}
-    buffer = io.BytesIO()
-    np.save(buffer, random_images(a.bulk_images))
-    bulk_body, bulk_headers = request_body(a.body, buffer.getvalue())
+    bulk_body, bulk_headers = request_body(a.body, npy_bytes(random_images(a.bulk_images)))
     png = io.BytesIO()
     Image.fromarray(random_images(1)[0]).save(png, "PNG")
     small_body, small_headers = multipart("images", "a.png", png.getvalue())

@@ -31,7 +31,7 @@ import requests
 from PIL import Image
 
 from serving.local_server import LocalServer, process_label
-from training.contract import MODEL_NAME, random_images
+from training.contract import MODEL_NAME, npy_bytes, random_images
 from training.files import write_json
 
 BODIES = ("multipart", "npy")
@@ -77,12 +77,6 @@ def multipart(field, filename, data, boundary="cifar100-bench-boundary"):
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def npy_bytes(images):
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    return buffer.getvalue()
 
 
 def request_body(kind, npy):

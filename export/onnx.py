@@ -89,13 +89,18 @@ def metadata(ckpt, checkpoint_sha256, precision="fp32", tta="none"):
     return props
 
 
-def read_metadata(path):
-    """metadata_props of an ONNX file as a dict (classes and recipe decoded from JSON)."""
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def decoded_metadata(proto):
+    """metadata_props of an ONNX ModelProto as a dict (classes and recipe decoded from JSON)."""
+    props = {p.key: p.value for p in proto.metadata_props}
     for key in ("classes", "recipe", "preprocess"):
         if key in props:
             props[key] = json.loads(props[key])
     return props
+
+
+def read_metadata(path):
+    """metadata_props of an ONNX file, decoded."""
+    return decoded_metadata(onnx.load(str(path), load_external_data=False))
 
 
 def to_onnx(model, props):
@@ -192,10 +197,7 @@ def save_verified(proto, path, model, precision, sizes=VERIFY_SIZES):
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())  # weights inline: one self-contained file
         report = verify(tmp, model, precision, sizes, name=path.name)
-    props = {p.key: p.value for p in proto.metadata_props}
-    for key in ("classes", "recipe", "preprocess"):
-        props[key] = json.loads(props[key])
-    artifact = Artifact(path, {**props, "parity": report})
+    artifact = Artifact(path, {**decoded_metadata(proto), "parity": report})
     artifact.save()
     log.info("wrote %s (%.1f MB) and %s", path, path.stat().st_size / 1e6, Artifact.sidecar(path).name)
     return artifact

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from serving import workers
 from serving.access import AccessError, bearer_headers
 from training.files import write_json
 
@@ -86,7 +87,7 @@ def model_workers(host):
     if response.status_code == 401:
         raise LoadTestError(f"{host} wants a token (HTTP 401): set CIFAR100_API_TOKEN or CIFAR100_API_TOKEN_FILE")
     try:
-        return len(response.json().get("workers") or []) or 1
+        return workers.listed(response.json())
     except ValueError:
         return 1
 
@@ -159,9 +160,9 @@ def main(argv=None):
     try:
         a.host = loopback_host(a.host)
         wait_ready(a.host)
-        workers = model_workers(a.host)
+        worker_count = model_workers(a.host)
         if not a.sweep and a.users is None:   # enough users to keep every model worker busy
-            counts = [min(MAX_USERS, USERS_PER_WORKER * workers)]
+            counts = [min(MAX_USERS, USERS_PER_WORKER * worker_count)]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         summaries = [run_locust(a, u, out) for u in counts]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from loadtest import REFUSED
 from serving.access import bearer_headers
-from training.contract import IMAGE_SHAPE, NUM_CLASSES
+from training.contract import IMAGE_SHAPE, NUM_CLASSES, npy_bytes
 
 BATCH = int(os.environ.get("LOADTEST_BATCH", "64"))
 HEADERS = bearer_headers()
@@ -42,18 +42,12 @@ def _encode(image, fmt):
     return buffer.getvalue()
 
 
-def _npy(images):
-    buffer = io.BytesIO()
-    np.save(buffer, images, allow_pickle=False)
-    return buffer.getvalue()
-
-
 # Made once per process, so users measure the service rather than the encoder.
 IMAGES = _pool_images()
 UPLOADS = [(f"image{i}.png", _encode(im, "PNG"), "image/png") if i % 2 else
            (f"image{i}.jpg", _encode(im, "JPEG"), "image/jpeg") for i, im in enumerate(IMAGES)]
 # Two different arrays (np.resize repeats the pool when BATCH is larger than it).
-BATCHES = [_npy(np.resize(np.roll(IMAGES, k, axis=0), (BATCH, *IMAGE_SHAPE))) for k in (0, POOL // 2)]
+BATCHES = [npy_bytes(np.resize(np.roll(IMAGES, k, axis=0), (BATCH, *IMAGE_SHAPE))) for k in (0, POOL // 2)]
 
 
 def _check(response, key, expected):

@@ -1,8 +1,7 @@
 """The service's answers as pydantic models: what the OpenAPI document (`/docs.json`, the Swagger UI at `/`) shows.
 
-The endpoints build their JSON directly (a batch of 1,024 × 100 probabilities as pydantic objects would cost more
-than the rest of the request); these models describe it, and tests/test_service.py validates real answers
-against them.
+The endpoints build these models and serialise them with pydantic-core (serving/service.py `answer`), and
+tests/test_service.py validates real answers against them.
 """
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,5 +55,7 @@ class InfoAnswer(BaseModel):
     auto: dict | None = Field(None, description="with CIFAR100_BACKEND=auto: the img/s measured for each backend "
                                                 "and why others were left out")
     batching: dict = Field(description="max_batch_size, max_latency_ms, max_images_per_request, max_body_bytes")
-    stats: dict = Field(description="model_calls, images, largest_call, seconds since start")
+    stats: dict = Field(description="model_calls, images, largest_call, seconds since start (of all model workers)")
     front_workers: int
+    workers: list[dict] | None = Field(None, description="each model worker (two-process layout): worker, pid, "
+                                                         "device, ready, backend, stats")

@@ -14,7 +14,6 @@ appears (atomically) only when every row is there; then OUT.parts/ is removed.
 """
 import argparse
 import concurrent.futures as cf
-import io
 import json
 import shutil
 import sys
@@ -29,11 +28,11 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
+from serving import workers
 from serving.access import AccessError, bearer_headers
-from training import contract
-from training.contract import CHECKPOINT_FILE, NUM_CLASSES, ONNX_FILE, TTA, BatchError, check_batch
 from serving.robustness import accuracy_report, table_text, write_report
-from training import cifar100c
+from training import cifar100c, contract
+from training.contract import CHECKPOINT_FILE, NUM_CLASSES, ONNX_FILE, TTA, BatchError, check_batch
 from training.download import DownloadError, download_and_extract
 from training.files import atomic_path, write_json
 
@@ -271,15 +270,13 @@ class ServiceScorer:
         except ValueError:
             raise ScoreError(f"{self.url}/info did not answer JSON; is this the CIFAR-100 service?") from None
         metadata = info.get("metadata") or {}
-        self.model_workers = len(info.get("workers") or []) or 1
+        self.model_workers = workers.listed(info)
         return {"service": {"model": info.get("model"), "checkpoint_sha256": metadata.get("checkpoint_sha256"),
                             "backend": info.get("backend"), "precision": info.get("precision")}}
 
     def __call__(self, images):
-        buffer = io.BytesIO()
-        np.save(buffer, images, allow_pickle=False)
         self._wait_for_slot()
-        response = self._request("POST", "/classify_batch", data=buffer.getvalue(),   # the raw .npy body
+        response = self._request("POST", "/classify_batch", data=contract.npy_bytes(images),   # the raw .npy body
                                  headers={"Content-Type": "application/x-npy"})
         self.requests += 1
         if not response.ok:

@@ -212,7 +212,7 @@ class Classifier:
         # Under `bentoml serve`: the Model process, through its batcher. Every Model API is idempotent.
         return await bentoml_fixes.call_dependency(getattr(self.model.to_async, api), *args)
 
-    async def _predict(self, images, kind):
+    async def _predict(self, images):
         """Logits from the model. In the one-process layout through this process's batcher; else from the Model
         process: requests of up to SMALL_BATCH images through the batcher of small requests, larger ones through
         the bulk batcher. A request a batcher sheds (it would wait longer than CIFAR100_MAX_LATENCY_MS) becomes
@@ -250,7 +250,7 @@ class Classifier:
                     await self._class_names()
                     for _ in range(WARMUP_REQUESTS):
                         for size in (1, SMALL_BATCH + 1):   # both batchers
-                            await self._predict(blank_images(size), "warm-up")
+                            await self._predict(blank_images(size))
                     self.ready = True
                     log.info("warmed up: ready")
                     return
@@ -281,7 +281,7 @@ class Classifier:
     async def classify_npy(self, data, probabilities):
         """The answer to /classify_batch for the bytes of an .npy file: the class ids (and the probabilities)."""
         try:
-            logits = await self._predict(read_npy(data, MAX_IMAGES), "/classify_batch")
+            logits = await self._predict(read_npy(data, MAX_IMAGES))
         except (InputError, Overloaded) as e:
             return refused(e, "/classify_batch")
         return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
@@ -302,7 +302,7 @@ class Classifier:
                 raise InputError(f"images: {len(images)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)", 413)
             decoded = await anyio.to_thread.run_sync(
                 lambda: [decode_image(p, f"images[{i}]") for i, p in enumerate(images)])
-            probs = softmax(await self._predict(np.stack([array for array, _ in decoded]), "/classify"))
+            probs = softmax(await self._predict(np.stack([array for array, _ in decoded])))
         except (InputError, Overloaded) as e:
             return refused(e, "/classify")
         classes = await self._class_names()

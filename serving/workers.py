@@ -61,6 +61,11 @@ def read_all():
     return sorted(states, key=lambda s: s["worker"])
 
 
+def listed(info):
+    """How many model workers a GET /info answer lists: 1 where it lists none (the one-process layout)."""
+    return len(info.get("workers") or []) or 1
+
+
 def all_ready(states, expected):
     """Whether EXPECTED workers have said they are ready."""
     return sum(1 for s in states if s.get("ready")) >= expected

@@ -15,6 +15,7 @@ from PIL import Image
 from serving import access
 from serving.access import AccessError, api_token, refusal
 from serving.up import parse_args
+from training.contract import blank_images, npy_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -28,9 +29,7 @@ def server(start_server, tmp_path_factory):
 
 
 def npy(n=2):
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros((n, 32, 32, 3), np.uint8))
-    return buffer.getvalue()
+    return npy_bytes(blank_images(n))
 
 
 def with_token(token=TOKEN):

@@ -19,18 +19,12 @@ from PIL import Image
 
 from serving.admission import SMALL_BYTES, ByteBudget, Overloaded
 from serving.batching import Batcher
-from training.contract import random_images
+from training.contract import npy_bytes, random_images
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 MB bodies at most, 6 MB in flight: one bulk upload at a time, 2 MB kept for small requests.
 BUDGET = {"CIFAR100_MAX_BODY_MB": 4, "CIFAR100_MAX_INFLIGHT_MB": 6, "CIFAR100_MAX_LATENCY_MS": 1500}
 BULK = 1200   # images: 3.7 MB as .npy
-
-
-def npy(images):
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["two processes", "one process"])
@@ -41,7 +35,7 @@ def server(start_server, request):
 
 def burst(url, uploads=12, small=10):
     """`uploads` concurrent bulk uploads while `small` one-PNG /classify requests run; returns both answers."""
-    bulk = npy(random_images(BULK))
+    bulk = npy_bytes(random_images(BULK))
     png = io.BytesIO()
     Image.fromarray(random_images(1)[0]).save(png, "PNG")
 

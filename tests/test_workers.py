@@ -2,7 +2,6 @@
 workers: both serve, the answers are the one-worker service's, /info and readiness see every worker; the clients
 size their concurrency from the worker count."""
 import concurrent.futures
-import io
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 
 from serving import devices, workers
 from training.checkpoint import load_classifier
+from training.contract import npy_bytes
 
 RNG = np.random.default_rng(3)
 
@@ -74,12 +74,6 @@ def two_workers(start_server):
     return start_server({"CIFAR100_BACKEND": "onnx", "CIFAR100_MODEL_WORKERS": 2})
 
 
-def npy(images):
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    return buffer.getvalue()
-
-
 def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
     info = requests.get(f"{two_workers}/info", timeout=10).json()
     assert [(w["worker"], w["ready"], w["device"]) for w in info["workers"]] == [
@@ -91,7 +85,7 @@ def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
 
     def classify(images):
-        return session.post(f"{two_workers}/classify_batch", data=npy(images),
+        return session.post(f"{two_workers}/classify_batch", data=npy_bytes(images),
                             headers={"Content-Type": "application/x-npy"}, timeout=60).json()["class_ids"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(classify, batches))

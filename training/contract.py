@@ -4,6 +4,8 @@ A model artifact takes uint8 images N×32×32×3 (NHWC, RGB) and returns float32
 resize happen inside the model (training/preprocess.py). The service serves an entry of the BentoML model store
 named MODEL_NAME, holding the files named below.
 """
+import io
+
 import numpy as np
 
 IMAGE_SIZE = 32
@@ -48,6 +50,13 @@ def check_batch(dtype, shape, max_images=None, limit_name=None):
 def chunks(n, size):
     """Consecutive slices of at most `size` rows covering range(n)."""
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def npy_bytes(images):
+    """A batch as the bytes of an .npy file: what /classify_batch takes, and the Kaggle files hold (no pickles)."""
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def blank_images(n):

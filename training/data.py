@@ -1,5 +1,5 @@
-"""CIFAR-100 in its official python format (and what CIFAR-100-C is), the validation split and the recipes'
-augmentation."""
+"""CIFAR-100 in its official python format, the validation split and the recipes' augmentation (CIFAR-100-C's facts:
+cifar100c.py)."""
 import logging
 import pickle
 import tarfile
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published with the archive
 FOLDER = "cifar-100-python"
-
 
 
 class DataError(Exception):
