@@ -6,8 +6,9 @@
    errors, found by python-multipart's streaming parser as the chunks pass (BentoML answers 500 to a multipart
    body it cannot parse).
 
-A raw .npy body for /classify_batch (Content-Type application/x-npy or application/octet-stream) goes to the
-front's own endpoint for it (RAW_ROUTES): BentoML's APIs take multipart or JSON only.
+A raw body goes to the front's own endpoint for it (`raw_body`), as BentoML's APIs take multipart or JSON only: an
+.npy file for /classify_batch (Content-Type application/x-npy or application/octet-stream), one image file for
+/classify (image/*).
 """
 import logging
 
@@ -21,13 +22,18 @@ from serving.images import InputError
 
 log = logging.getLogger("bentoml.service")
 NPY_TYPES = (b"application/x-npy", b"application/octet-stream")
-RAW_ROUTES = ("/classify_batch",)
 
 
 def error(e):
     """The JSON answer to a refused request (InputError or Overloaded)."""
     headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Overloaded) else None
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+
+
+def raw_body(path, content_type):
+    """Whether a request carries a raw body that the front's own endpoint for PATH takes."""
+    kind = content_type.split(b";")[0].strip().lower()
+    return path == "/classify_batch" and kind in NPY_TYPES or path == "/classify" and kind.startswith(b"image/")
 
 
 def multipart_checker(content_type):
@@ -73,9 +79,7 @@ class RequestGuard:
             if isinstance(e, Overloaded):
                 log.warning("refused %s %s: %s", scope["method"], scope["path"], e)
             return await error(e)(scope, receive, send)
-        app = self.app
-        if self.raw_app and scope["path"] in RAW_ROUTES and content_type.split(b";")[0].strip() in NPY_TYPES:
-            app = self.raw_app
+        app = self.raw_app if self.raw_app and raw_body(scope["path"], content_type) else self.app
         try:
             await self.checked(app, scope, receive, send, framing)
         finally:

@@ -6,7 +6,7 @@ Two services in one `bentoml serve`:
               concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back. One
               worker per visible GPU, each bound to its own (serving/devices.py, serving/workers.py).
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
-              (.npy, raw or multipart, or image files), calls the Model, shapes JSON; GET /info, the page /ui.
+              (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, the page /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
 as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere). With CIFAR100_PROCESSES=1 the front
 holds the model itself and batches in-process (serving/batching.py).
@@ -36,7 +36,7 @@ from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, 
 from serving.backends import cpu_cores, load_backend
 from serving.batching import Batcher
 from serving.guard import RequestGuard, error
-from serving.images import InputError, decode_image, read_npy
+from serving.images import InputError, decode_images, quick_to_decode, read_npy
 from training.contract import MODEL_NAME, blank_images
 
 log = logging.getLogger("bentoml.service")
@@ -176,11 +176,18 @@ async def ui_asset(name: str):
     return FileResponse(UI_DIR / name, media_type=UI_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
+# Raw bodies, which BentoML's APIs do not take (they read multipart or JSON): the guard sends such requests to these
+# routes. No multipart parsing, no temporary file.
 @routes.post("/classify_batch", include_in_schema=False)
 async def classify_raw_npy(request: fastapi.Request, probabilities: bool = False):
-    """/classify_batch with the .npy file as the whole body (Content-Type application/x-npy): the guard sends such
-    requests here. No multipart parsing, no temporary file: the array is a view of the body."""
+    """/classify_batch with the .npy file as the whole body (application/x-npy): the array is a view of the body."""
     return await bentoml.get_current_service().classify_npy(await request.body(), probabilities)
+
+
+@routes.post("/classify", include_in_schema=False)
+async def classify_raw_image(request: fastapi.Request):
+    """/classify with one image file as the whole body (image/*)."""
+    return await bentoml.get_current_service().classify_files([await request.body()])
 
 
 ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
@@ -188,6 +195,8 @@ ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
           503: "the model is busy: the request would wait too long"}
 bentoml_fixes.document_errors("/classify", ERRORS)
 bentoml_fixes.document_errors("/classify_batch", {**ERRORS, 422: "an array of the wrong dtype or shape"})
+bentoml_fixes.document_raw_body("/classify", "image/*", "one image file as the whole body (Content-Type image/png, "
+                                "image/jpeg, ...)")
 bentoml_fixes.document_raw_body("/classify_batch", "application/x-npy", "the .npy file as the whole body (also "
                                 "application/octet-stream); `?probabilities=true` asks for the probabilities")
 
@@ -295,13 +304,19 @@ class Classifier:
     @bentoml.api
     async def classify(self, images: list[Path]) -> ClassifyAnswer:
         """Image files (any common format, size, mode) -> class id, name, probability and top-5 for each."""
+        return await self.classify_files(images)
+
+    async def classify_files(self, files):
+        """The answer to /classify for image files (paths, or the bytes of a raw body)."""
         try:
-            if not images:
+            if not files:
                 raise InputError("images: no files uploaded")
-            if len(images) > MAX_IMAGES:
-                raise InputError(f"images: {len(images)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)", 413)
-            decoded = await anyio.to_thread.run_sync(
-                lambda: [decode_image(p, f"images[{i}]") for i, p in enumerate(images)])
+            if len(files) > MAX_IMAGES:
+                raise InputError(f"images: {len(files)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)",
+                                 413)
+            # A few small images decode here, in less CPU than a hand-off to a thread would cost; others off the loop.
+            decoded = decode_images(files) if quick_to_decode(files) else \
+                await anyio.to_thread.run_sync(decode_images, files)
             probs = softmax(await self._predict(np.stack([array for array, _ in decoded])))
         except (InputError, Overloaded) as e:
             return refused(e, "/classify")

@@ -49,8 +49,12 @@ def test_requests_without_the_right_token_get_401_and_reach_no_model(server, cas
     before = model_calls(server)
     for method, path, kwargs in (("POST", "/classify_batch", {"files": {"images": ("x.npy", npy())}}),
                                  ("POST", "/classify", {"files": {"images": ("x.png", b"png")}}),
+                                 ("POST", "/classify", {"data": b"png", "headers": {"Content-Type": "image/png"}}),
+                                 ("POST", "/classify_batch", {"data": npy(),
+                                                              "headers": {"Content-Type": "application/x-npy"}}),
                                  ("GET", "/info", {}), ("GET", "/metrics", {})):
-        response = requests.request(method, server + path, headers=BAD_HEADERS[case], timeout=10, **kwargs)
+        kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}), **BAD_HEADERS[case]}}
+        response = requests.request(method, server + path, timeout=10, **kwargs)
         assert response.status_code == 401, (path, response.text)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert "token" in response.json()["error"] and TOKEN not in response.text

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from serving.answers import BatchAnswer, ClassifyAnswer, InfoAnswer
-from serving.images import to_rgb
+from serving.images import INLINE_IMAGES, quick_to_decode, to_rgb
 from training.checkpoint import load_classifier
 
 LIMITS = {"CIFAR100_MAX_IMAGES": 64, "CIFAR100_MAX_BODY_MB": 1, "CIFAR100_MAX_PIXELS": 1_000_000}
@@ -161,6 +161,27 @@ def test_classify_png_matches_the_model(server, direct):
         assert abs(p["probability"] - expected[top5[0]]) < 1e-5 and "note" not in p
 
 
+@pytest.mark.parametrize("which", ["server", "one_process_server"])
+def test_raw_image_body_answers_as_the_upload_does(request, which):
+    url = request.getfixturevalue(which)
+    image = Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for fmt, content_type in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        data = image_bytes(image, fmt)
+        raw = requests.post(f"{url}/classify", data=data, headers={"Content-Type": content_type}, timeout=60)
+        assert raw.status_code == 200, raw.text
+        upload = requests.post(f"{url}/classify", files={"images": ("a.img", data)}, timeout=60)
+        assert raw.json() == upload.json()
+
+
+def test_small_uploads_decode_on_the_event_loop():
+    small = image_bytes(Image.new("RGB", (32, 32)), "PNG")
+    assert quick_to_decode([small]) and quick_to_decode([small] * INLINE_IMAGES)
+    assert not quick_to_decode([small] * (INLINE_IMAGES + 1))
+    assert not quick_to_decode([image_bytes(Image.new("RGB", (129, 128)), "PNG")])   # over INLINE_PIXELS
+    assert not quick_to_decode([image_bytes(Image.new("L", (2100, 2100)), "PNG")])   # a bomb: only its header read
+    assert not quick_to_decode([b"not an image"])   # decode_image, in a thread, says why
+
+
 def formats():
     rgb = Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8))
     gray16 = Image.fromarray((RNG.integers(0, 256, (40, 40)) * 257).astype(np.uint16))
@@ -204,6 +225,7 @@ def test_openapi_document_describes_answers_errors_and_info(server):
         return schemas[schema["$ref"].split("/")[-1]] if "$ref" in schema else schema
 
     assert "application/x-npy" in doc["paths"]["/classify_batch"]["post"]["requestBody"]["content"]
+    assert "image/*" in doc["paths"]["/classify"]["post"]["requestBody"]["content"]
     for route, answer, errors in (("/classify", "predictions", {"400", "413", "503"}),
                                   ("/classify_batch", "class_ids", {"400", "413", "422", "503"})):
         responses = doc["paths"][route]["post"]["responses"]
@@ -242,6 +264,8 @@ def test_bad_images(server, case):
     response = requests.post(f"{server}/classify", files=files, timeout=60)
     assert response.status_code == status, response.text
     assert message in response.json()["error"] and "images[1]" in response.json()["error"]
+    raw = requests.post(f"{server}/classify", data=data, headers={"Content-Type": "image/png"}, timeout=60)
+    assert raw.status_code == status and message in raw.json()["error"], raw.text
     assert_alive(server)
 
 
