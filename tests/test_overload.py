@@ -159,6 +159,25 @@ def test_small_calls_go_before_bulk_ones_and_do_not_count_their_wait():
     run_batcher(scenario())
 
 
+def test_only_calls_expected_to_be_quick_run_on_the_event_loop():
+    threads = []
+
+    def model(images):   # 1 ms per image
+        threads.append(threading.current_thread().name)
+        time.sleep(0.001 * len(images))
+        return np.zeros((len(images), 3), np.float32)
+
+    async def scenario(inline_s):
+        threads.clear()
+        batcher = Batcher(model, max_images=100, max_latency_s=60, inline_s=inline_s)
+        for n in (10, 2, 20):   # the first call: no rate known yet
+            await batcher(random_images(n))
+        return [name == threading.current_thread().name for name in threads]
+
+    assert run_batcher(scenario(0.005)) == [False, True, False]   # 2 images ~2 ms: on the loop; 20 ~20 ms: not
+    assert run_batcher(scenario(0.0)) == [False, False, False]    # the default: every call on the model thread
+
+
 def test_the_batcher_refuses_what_would_wait_too_long_and_passes_errors_on():
     def slow(images):
         time.sleep(0.05 * len(images) / 10)

@@ -118,6 +118,12 @@ def test_raw_npy_body_answers_as_the_upload_does(request, which, content_type, d
                         headers={"Content-Type": content_type}, timeout=60).json()
     assert raw == classify_batch(url, images, probabilities="true").json()
     assert raw["class_ids"] == direct(images).argmax(1).tolist()
+    without = requests.post(f"{url}/classify_batch?probabilities=no", data=npy(images),
+                            headers={"Content-Type": content_type}, timeout=60).json()
+    assert without == {"class_ids": raw["class_ids"]}
+    unclear = requests.post(f"{url}/classify_batch?probabilities=maybe", data=npy(images),
+                            headers={"Content-Type": content_type}, timeout=60)
+    assert unclear.status_code == 400 and "probabilities" in unclear.json()["error"]
     bad = requests.post(f"{url}/classify_batch", data=npy(np.zeros((2, 3, 32, 32), np.uint8)),
                         headers={"Content-Type": content_type}, timeout=60)
     assert bad.status_code == 422 and "(2, 3, 32, 32)" in bad.json()["error"]

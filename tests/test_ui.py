@@ -37,14 +37,17 @@ def browser_installed():
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(argument)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SE_OFFLINE", "true")   # Selenium Manager must not download a browser or a driver
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        # Chromium leaves a folder for its singleton socket in TMPDIR: one under pytest's, which pytest cleans up.
+        tmpdir = str(tmp_path_factory.mktemp("chromium"))
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), env={**os.environ, "TMPDIR": tmpdir}),
+                                  options=options)
     yield driver
     driver.quit()
 
