@@ -6,7 +6,7 @@ Two services in one `bentoml serve`:
               concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back. One
               worker per visible GPU, each bound to its own (serving/devices.py, serving/workers.py).
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
-              (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, the page /ui.
+              (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
 as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere). With CIFAR100_PROCESSES=1 the front
 holds the model itself and batches in-process (serving/batching.py).
@@ -64,7 +64,7 @@ PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
 MODEL_WORKERS = devices.worker_count(os.environ.get("CIFAR100_MODEL_WORKERS"))   # one per visible GPU by default
 WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
 SMALL_BATCH = 16      # requests of up to this many images have a batcher of their own
-INLINE_CALL_S = 0.001  # one process, CPU: model calls expected to be shorter run on the event loop (serving/batching.py)
+INLINE_CALL_S = 0.001  # one process, CPU: model calls expected to be shorter run on the event loop (batching.py)
 
 
 class ModelHost:
