@@ -2,13 +2,14 @@
 
 1. the API token, when one is set (401; serving/access.py);
 2. room in the budget of request bytes in flight (503 with Retry-After; serving/admission.py);
-3. the body: 413 over the size limit (by Content-Length, then by the bytes received), 400 for multipart framing
+3. the body: 413 over the size limit (by Content-Length, then by the bytes received), 415 for a Content-Type the API
+   does not take (BentoML read any other body as JSON and answered "Invalid JSON"), 400 for multipart framing
    errors, found by python-multipart's streaming parser as the chunks pass (BentoML answers 500 to a multipart
    body it cannot parse).
 
-A raw body goes to the front's own endpoint for it (`raw_body`), as BentoML's APIs take multipart or JSON only: an
-.npy file for /classify_batch (Content-Type application/x-npy or application/octet-stream), one image file for
-/classify (image/*).
+A raw body goes to the front's own endpoint for it (`raw_body`), as BentoML's APIs take multipart or JSON only (and
+JSON cannot carry files): an .npy file for /classify_batch (Content-Type application/x-npy or
+application/octet-stream), one image file for /classify (image/*).
 """
 import logging
 
@@ -30,10 +31,28 @@ def error(e):
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
+# The bodies each API takes beside BentoML's multipart form: (whether a media type is its raw body, what it takes).
+BODIES = {"/classify": (lambda kind: kind.startswith(b"image/"), "image files as multipart/form-data (field images) "
+                        "or one image file as the body (Content-Type image/*)"),
+          "/classify_batch": (lambda kind: kind in NPY_TYPES, "an .npy file as multipart/form-data (field images) or "
+                              "as the body (Content-Type application/x-npy)")}
+
+
+def media_type(content_type):
+    return content_type.split(b";")[0].strip().lower()
+
+
 def raw_body(path, content_type):
     """Whether a request carries a raw body that the front's own endpoint for PATH takes."""
-    kind = content_type.split(b";")[0].strip().lower()
-    return path == "/classify_batch" and kind in NPY_TYPES or path == "/classify" and kind.startswith(b"image/")
+    return path in BODIES and BODIES[path][0](media_type(content_type))
+
+
+def unsupported(path, content_type):
+    """Why a POST to PATH cannot be read (its body is neither multipart nor the API's raw body), or None."""
+    kind = media_type(content_type)
+    if path not in BODIES or kind == b"multipart/form-data" or BODIES[path][0](kind):
+        return None
+    return f"{path} takes {BODIES[path][1]}; this request's Content-Type is {kind.decode(errors='replace') or 'missing'}"
 
 
 def multipart_checker(content_type):
@@ -70,6 +89,8 @@ class RequestGuard:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
                 raise self.too_big()
+            if scope["method"] == "POST" and (why := unsupported(scope["path"], content_type)):
+                raise InputError(why, 415)
             framing = multipart_checker(content_type)
             # A body of unknown length counts as the largest allowed.
             size = int(length) if length is not None and length.isdigit() else \

@@ -205,6 +205,7 @@ raw_routes = Router([Route("/classify_batch", classify_raw_npy, methods=["POST"]
 
 ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
           413: "too many images, too many pixels, or too large a body",
+          415: "a Content-Type the endpoint does not take",
           503: "the model is busy: the request would wait too long"}
 bentoml_fixes.document_errors("/classify", ERRORS)
 bentoml_fixes.document_errors("/classify_batch", {**ERRORS, 422: "an array of the wrong dtype or shape"})

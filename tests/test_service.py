@@ -232,8 +232,8 @@ def test_openapi_document_describes_answers_errors_and_info(server):
 
     assert "application/x-npy" in doc["paths"]["/classify_batch"]["post"]["requestBody"]["content"]
     assert "image/*" in doc["paths"]["/classify"]["post"]["requestBody"]["content"]
-    for route, answer, errors in (("/classify", "predictions", {"400", "413", "503"}),
-                                  ("/classify_batch", "class_ids", {"400", "413", "422", "503"})):
+    for route, answer, errors in (("/classify", "predictions", {"400", "413", "415", "503"}),
+                                  ("/classify_batch", "class_ids", {"400", "413", "415", "422", "503"})):
         responses = doc["paths"][route]["post"]["responses"]
         assert answer in resolve(responses["200"]["content"]["application/json"]["schema"])["properties"]
         assert errors <= responses.keys()
@@ -304,8 +304,22 @@ def test_bad_arrays(server, case):
 def test_missing_field_and_no_files(server):
     response = requests.post(f"{server}/classify_batch", files={"other": ("x.npy", b"x")}, timeout=60)
     assert response.status_code == 400 and "images" in response.text
-    response = requests.post(f"{server}/classify", data={"x": "1"}, timeout=60)
+    response = requests.post(f"{server}/classify", files={"other": ("a.png", b"x")}, timeout=60)
     assert response.status_code == 400 and "images" in response.text
+    response = requests.post(f"{server}/classify", data={"x": "1"}, timeout=60)   # a form without files
+    assert response.status_code == 415 and "field images" in response.text
+    assert_alive(server)
+
+
+@pytest.mark.parametrize("endpoint, content_type, takes", [
+    ("/classify_batch", "image/png", "application/x-npy"), ("/classify", "application/x-npy", "image/*"),
+    ("/classify", "application/json", "image/*"), ("/classify", "text/plain", "multipart/form-data"),
+    ("/classify_batch", None, "application/x-npy")])
+def test_a_body_the_endpoint_does_not_take_gets_415(server, endpoint, content_type, takes):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(f"{server}{endpoint}", data=b'{"images": ["x"]}', headers=headers, timeout=60)
+    assert response.status_code == 415, response.text
+    assert takes in response.json()["error"] and (content_type or "missing") in response.json()["error"]
     assert_alive(server)
 
 
