@@ -1,6 +1,6 @@
 """serving/bentoml_fixes.py: applied only on the BentoML version it was written for; the per-request timeout must
 not keep a finished request's state alive; response media types are not worked out anew for every response; a
-call whose pooled connection closed is retried once."""
+call whose pooled connection closed is retried once; a request is traced with one span, not one per message."""
 import asyncio
 import contextvars
 import gc
@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from _bentoml_sdk import io_models
 from _bentoml_sdk.io_models import IODescriptor
+import opentelemetry.instrumentation.asgi as otel_asgi
 from bentoml._internal.server.http import traffic
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.formparsers import MultiPartParser
 
 from serving import bentoml_fixes
@@ -31,6 +35,9 @@ def bentoml_middleware():
 
 
 OURS = bentoml_fixes.timeout_middleware(bentoml_middleware())
+OTEL_MIDDLEWARE = otel_asgi.OpenTelemetryMiddleware
+while getattr(OTEL_MIDDLEWARE, "one_span_per_request", False):   # OpenTelemetry's own, even after apply()
+    OTEL_MIDDLEWARE = OTEL_MIDDLEWARE.__bases__[0]
 
 
 def test_the_installed_bentoml_is_the_version_the_fixes_were_written_for():
@@ -53,9 +60,42 @@ def test_on_another_version_nothing_is_applied_and_one_warning_says_so(monkeypat
 def test_on_the_tested_version_everything_is_applied_once(monkeypatch):
     monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
     monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
+    monkeypatch.setattr(otel_asgi, "OpenTelemetryMiddleware", OTEL_MIDDLEWARE)
     assert bentoml_fixes.apply(5 * 2**20) and bentoml_fixes.apply(5 * 2**20)
     assert traffic.TimeoutMiddleware.__bases__ == (bentoml_middleware(),)   # wrapped once, not twice
+    assert otel_asgi.OpenTelemetryMiddleware.__bases__ == (OTEL_MIDDLEWARE,)
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
+
+
+def traced_spans(middleware_class, body_chunks):
+    """The spans the ASGI tracing middleware records for one request whose body arrives in BODY_CHUNKS messages."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    messages = iter([{"type": "http.request", "body": b"x", "more_body": i < body_chunks - 1}
+                     for i in range(body_chunks)])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        pass
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 3000), "query_string": b"", "root_path": ""}
+    asyncio.run(middleware_class(app, tracer_provider=provider)(scope, receive, send))
+    return [span.name for span in exporter.get_finished_spans()]
+
+
+def test_a_request_gets_one_span_not_one_per_message():
+    assert len(traced_spans(OTEL_MIDDLEWARE, 48)) == 51   # OpenTelemetry's own: 48 receive, 2 send, 1 server span
+    assert traced_spans(bentoml_fixes.one_span_per_request(OTEL_MIDDLEWARE), 48) == ["POST /classify"]
 
 
 class RequestState:
