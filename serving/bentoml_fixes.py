@@ -120,19 +120,6 @@ def cached(mime_type):
     return classmethod(cached_mime_type)
 
 
-# 8 ------------------------------------------------------------------------------------------------------------
-
-def one_span_per_request(base):
-    class OpenTelemetryMiddleware(base):
-        """The request's server span without a child span per received or sent message."""
-        one_span_per_request = True
-
-        def __init__(self, app, **options):
-            options.setdefault("exclude_spans", ["receive", "send"])
-            super().__init__(app, **options)
-    return OpenTelemetryMiddleware
-
-
 # 4 ------------------------------------------------------------------------------------------------------------
 
 async def call_dependency(call, *args):
@@ -208,3 +195,16 @@ class NoTracebackForShedRequests(logging.Filter):
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
         return not (type(error).__name__ == "ServiceUnavailable" and "overloaded" in str(error))
+
+
+# 8 ------------------------------------------------------------------------------------------------------------
+
+def one_span_per_request(base):
+    class OpenTelemetryMiddleware(base):
+        """The request's server span without a child span per received or sent message."""
+        one_span_per_request = True
+
+        def __init__(self, app, **options):
+            options.setdefault("exclude_spans", ["receive", "send"])
+            super().__init__(app, **options)
+    return OpenTelemetryMiddleware
