@@ -264,12 +264,12 @@ class TensorRTBackend(Backend):
             raise BackendError(f"TensorRT backend unavailable: {why}")
         from serving.tensorrt import TensorRTRunner
 
-        info = json.loads((Path(model_dir) / ENGINE_INFO_FILE).read_text())
         self.runner = TensorRTRunner(Path(model_dir) / ENGINE_FILE)
-        self.max_batch, self.precision = int(info["max_batch"]), info["precision"]
+        self.max_batch = self.runner.max_batch   # the engine's profile: Backend.__call__ has checked and split
+        self.precision = json.loads((Path(model_dir) / ENGINE_INFO_FILE).read_text())["precision"]
 
     def run(self, images):
-        return np.asarray(self.runner(images), dtype=np.float32)
+        return np.asarray(self.runner.run(images), dtype=np.float32)
 
 
 BACKENDS = {"tensorrt": TensorRTBackend, "onnx": OnnxBackend, "torch": TorchBackend}

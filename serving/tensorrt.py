@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.contract import BatchError, blank_images, check_batch, chunks
+from training.contract import blank_images
 
-from .backends import BackendError
+from .backends import Backend, BackendError
 
 
 def unavailable_reason():
@@ -44,9 +44,9 @@ def device_info():
             "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability())}
 
 
-class TensorRTRunner:
-    """Buffers are torch CUDA tensors; the engine runs on a private torch stream. Batches larger than the
-    engine's profile are split; smaller than its minimum are zero-padded."""
+class TensorRTRunner(Backend):
+    """Buffers are torch CUDA tensors; the engine runs on a private torch stream. Calling it checks the batch and
+    splits one larger than the engine's profile (Backend.__call__); `run` zero-pads one smaller than its minimum."""
 
     def __init__(self, engine_path):
         if reason := unavailable_reason():
@@ -75,16 +75,9 @@ class TensorRTRunner:
         self.stream = torch.cuda.Stream(self.device)
         self.lock = threading.Lock()  # one execution context: one batch at a time
 
-    def __call__(self, images):
-        images = np.ascontiguousarray(images)
-        try:
-            check_batch(images.dtype, images.shape)
-        except BatchError as e:
-            raise BackendError(str(e)) from None
-        return np.concatenate([self._run(images[rows]) for rows in chunks(len(images), self.max_batch)])
-
-    def _run(self, images):
+    def run(self, images):
         torch, n = self.torch, len(images)
+        images = np.ascontiguousarray(images)
         if n < self.min_batch:
             images = np.concatenate([images, blank_images(self.min_batch - n)])
         with self.lock, torch.cuda.stream(self.stream):
