@@ -6,7 +6,7 @@
 Writes to OUT (per user count u): u{u}_stats.csv, u{u}_stats_history.csv, u{u}_failures.csv (Locust),
 u{u}_report.html (Locust), u{u}_summary.json, u{u}_timeline.png; with --sweep also sweep.json and
 sweep.png (p50/p99 latency against throughput). Prints a table: requests/s, p50/p95/p99 latency,
-failures and the service's adaptive batch sizes (from /metrics). Only loopback hosts are allowed.
+failures and the requests merged per model call (from /metrics). Only loopback hosts are allowed.
 """
 import argparse
 import ipaddress
@@ -122,7 +122,7 @@ def run_locust(a, users, out):
         stats["/classify_batch"]["images_per_s"] = stats["/classify_batch"]["rps"] * a.batch
     summary = {"host": a.host, "users": users, "spawn_rate": spawn_rate, "run_time_s": a.run_time,
                "tags": a.tags or ["images", "batch"], "batch": a.batch, "endpoints": stats, "total": total,
-               "adaptive_batches": report.batch_sizes(before, metrics_text(a.host)),
+               "model_calls": report.batch_sizes(before, metrics_text(a.host)),
                "files": {"stats": f"{prefix}_stats.csv", "history": f"{prefix}_stats_history.csv",
                          "html": f"{prefix}_report.html", "timeline": f"{prefix}_timeline.png"}}
     write_json(f"{prefix}_summary.json", summary)

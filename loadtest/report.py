@@ -8,9 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from training.files import save_figure  # noqa: E402
 
-# BentoML's histogram of the batches its adaptive batcher formed; it observes how many *requests*
-# (calls of the batchable method) were merged into one batch, not how many images they held.
-BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+# The service's histogram of how many requests each model call merged (serving/service.py).
+BATCH_METRIC = "cifar100_requests_per_model_call"
 
 
 def _number(text):
@@ -50,41 +49,37 @@ def read_history(path):
     return {"t": t, "users": [int(r["User Count"]) for r in rows], "rps": rps, **latency}
 
 
-def batch_histograms(metrics_text):
-    """{method: {"count", "sum", "buckets": {upper bound: cumulative count}}} of BentoML's adaptive batches."""
-    out = {}
+def batch_histogram(metrics_text):
+    """{"count", "sum", "buckets": {upper bound: cumulative count}} of the service's model calls, summed over its
+    processes."""
+    h = {"count": 0.0, "sum": 0.0, "buckets": {}}
     for family in text_string_to_metric_families(metrics_text):
         if family.name != BATCH_METRIC:
             continue
         for sample in family.samples:
-            method = sample.labels.get("method_name", "?")
-            h = out.setdefault(method, {"count": 0.0, "sum": 0.0, "buckets": {}})
             if sample.name.endswith("_bucket"):
                 le = sample.labels["le"]
-                h["buckets"][le] = h["buckets"].get(le, 0.0) + sample.value   # summed over workers
+                h["buckets"][le] = h["buckets"].get(le, 0.0) + sample.value
             elif sample.name.endswith("_count"):
                 h["count"] += sample.value
             elif sample.name.endswith("_sum"):
                 h["sum"] += sample.value
-    return out
+    return h
 
 
 def batch_sizes(before_text, after_text):
-    """The batches formed during the run (after minus before): count, mean and quantiles of requests per batch."""
-    before, after = batch_histograms(before_text), batch_histograms(after_text)
-    out = {}
-    for method, h in after.items():
-        b = before.get(method, {"count": 0.0, "sum": 0.0, "buckets": {}})
-        count = h["count"] - b["count"]
-        if count <= 0:
-            continue
-        buckets = sorted(((float(le), v - b["buckets"].get(le, 0.0)) for le, v in h["buckets"].items()))
+    """The model calls made during the run (after minus before): their count, and the mean and quantiles of the
+    requests each merged; None when there were none."""
+    before, after = batch_histogram(before_text), batch_histogram(after_text)
+    count = after["count"] - before["count"]
+    if count <= 0:
+        return None
+    buckets = sorted((float(le), v - before["buckets"].get(le, 0.0)) for le, v in after["buckets"].items())
 
-        def quantile(q):   # the upper bound of the first bucket holding the q-th batch
-            return next((le for le, c in buckets if c >= q * count), None)
-        out[method] = {"batches": int(count), "mean_requests_per_batch": (h["sum"] - b["sum"]) / count,
-                       "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99)}
-    return out
+    def quantile(q):   # the upper bound of the first bucket holding the q-th call
+        return next((le for le, c in buckets if c >= q * count), None)
+    return {"calls": int(count), "mean_requests_per_call": (after["sum"] - before["sum"]) / count,
+            "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99)}
 
 
 def plot_history(history, path, title):
@@ -128,7 +123,7 @@ def plot_sweep(summaries, path, title):
 
 
 def table(summaries):
-    """One printed row per run and endpoint, then the service's adaptive batches."""
+    """One printed row per run and endpoint, then the service's batching."""
     head = f"{'users':>5} {'endpoint':<32} {'reqs':>7} {'fails':>5} {'req/s':>8} {'img/s':>8} " \
            f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
     lines = [head, "-" * len(head)]
@@ -138,12 +133,11 @@ def table(summaries):
                          f"{_fmt(e.get('images_per_s'), 8, 0)} {_fmt(e['p50_ms'], 7, 0)} {_fmt(e['p95_ms'], 7, 0)} "
                          f"{_fmt(e['p99_ms'], 7, 0)}")
     for s in summaries:
-        for method, b in s["adaptive_batches"].items():
-            lines.append(f"{s['users']:>5} users: BentoML batched {method}() {b['batches']} times, "
-                         f"{b['mean_requests_per_batch']:.2f} requests per batch on average "
-                         f"(p50 <= {b['p50_at_most']:g}, p99 <= {b['p99_at_most']:g})")
-        if not s["adaptive_batches"]:
-            lines.append(f"{s['users']:>5} users: no adaptive-batch metrics at {s['host']}/metrics")
+        if b := s["model_calls"]:
+            lines.append(f"{s['users']:>5} users: {b['calls']} model calls, {b['mean_requests_per_call']:.2f} "
+                         f"requests per call on average (p50 <= {b['p50_at_most']:g}, p99 <= {b['p99_at_most']:g})")
+        else:
+            lines.append(f"{s['users']:>5} users: no model-call metrics at {s['host']}/metrics")
     return "\n".join(lines)
 
 

@@ -11,13 +11,7 @@ version (docs/bentoml-workarounds.md gives the symptom, the measurement, the ups
 4. Errors: a pooled connection to a dependency could close under a call (`call_dependency` retries once).
 5. Documentation: the OpenAPI document gets the error answers and their schema (`document_errors`), and other
    request bodies an API takes (`document_raw_body`).
-6. Latency: the adaptive batcher held a lone request for the mean wait of recent requests, a figure its own
-   holding kept up: after bulk traffic a one-image request waited 0.2 to 2 s. It no longer holds requests while
-   the model is idle; requests still merge while the model is busy (as Triton's dynamic batcher with no queue
-   delay does).
-7. Logs: a request the batcher sheds (it would wait longer than max_latency_ms) was logged as an ERROR with a
-   traceback in the model's process; the front logs it as one WARNING line instead.
-8. Time: OpenTelemetry's ASGI middleware opened a span of its own for every message a request received or sent
+6. Time: OpenTelemetry's ASGI middleware opened a span of its own for every message a request received or sent
    (a 3 MB body: ~50); each request keeps its one server span.
 """
 import asyncio
@@ -53,15 +47,9 @@ def apply(max_body_bytes):
     MultiPartParser.spool_max_size = max_body_bytes   # bodies are capped at this size anyway
     if not hasattr(openapi.generate_spec, "documents_errors"):
         openapi.generate_spec = with_error_answers(openapi.generate_spec)
-    from bentoml._internal.marshal import dispatcher
-    if not hasattr(dispatcher.Optimizer.trigger_refresh, "never_holds"):
-        dispatcher.Optimizer.trigger_refresh = never_holds(dispatcher.Optimizer.trigger_refresh)
     import opentelemetry.instrumentation.asgi as otel_asgi   # BentoML imports the middleware when it builds an app
     if not getattr(otel_asgi.OpenTelemetryMiddleware, "one_span_per_request", False):
         otel_asgi.OpenTelemetryMiddleware = one_span_per_request(otel_asgi.OpenTelemetryMiddleware)
-    shed_log = logging.getLogger("bentoml._internal.server.http_app")   # where BentoML logs a failed request
-    if not any(isinstance(f, NoTracebackForShedRequests) for f in shed_log.filters):
-        shed_log.addFilter(NoTracebackForShedRequests())
     applied = True
     return True
 
@@ -176,28 +164,6 @@ def with_error_answers(generate_spec):
 
 
 # 6 ------------------------------------------------------------------------------------------------------------
-
-def never_holds(trigger_refresh):
-    """Optimizer.trigger_refresh, with the mean wait it derives pinned at 0: the dispatcher then holds no request
-    while the model is free (it still sheds by its latency estimate, and merges what queues while it is busy)."""
-    def refresh(self):
-        trigger_refresh(self)
-        self.wait = 0
-    refresh.never_holds = True
-    return refresh
-
-
-# 7 ------------------------------------------------------------------------------------------------------------
-
-class NoTracebackForShedRequests(logging.Filter):
-    """Drops BentoML's ERROR record, with traceback, for a request its batcher shed; the front logs one line."""
-
-    def filter(self, record):
-        error = record.exc_info[1] if record.exc_info else None
-        return not (type(error).__name__ == "ServiceUnavailable" and "overloaded" in str(error))
-
-
-# 8 ------------------------------------------------------------------------------------------------------------
 
 def one_span_per_request(base):
     class OpenTelemetryMiddleware(base):

@@ -1,15 +1,14 @@
 """The BentoML service: `bentoml serve` from the repo root (bentofile.yaml names serving.service:Classifier).
 
 Two services in one `bentoml serve`:
-  Model       owns the backend (serving/backends.py) and its adaptive batching: `predict` (bulk requests) and
-              `predict_small` (up to SMALL_BATCH images) are batchable APIs, so BentoML's dispatcher merges
-              concurrent requests (uint8 N×32×32×3 each) into one model call and splits the logits back. One
-              worker per visible GPU, each bound to its own (serving/devices.py, serving/workers.py).
+  Model       owns the backend (serving/backends.py) and its batcher (serving/batching.py), which merges
+              concurrent `predict` requests (uint8 N×32×32×3 each) into one model call and splits the logits back.
+              One worker per visible GPU, each bound to its own (serving/devices.py, serving/workers.py).
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
               (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
 as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere). With CIFAR100_PROCESSES=1 the front
-holds the model itself and batches in-process (serving/batching.py).
+holds the model and its batcher itself.
 
 Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
 CIFAR100_MAX_BATCH_SIZE, CIFAR100_MAX_LATENCY_MS, CIFAR100_MAX_IMAGES, CIFAR100_MAX_BODY_MB,
@@ -17,6 +16,8 @@ CIFAR100_MAX_INFLIGHT_MB, CIFAR100_WORKERS, CIFAR100_PROCESSES, CIFAR100_MODEL_W
 CIFAR100_API_TOKEN(_FILE).
 """
 import asyncio
+import functools
+import json
 import logging
 import os
 import threading
@@ -62,14 +63,24 @@ bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this m
 # the model process is the unit the scale-out builds on); 1: the front runs the model (no second hop).
 PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
 MODEL_WORKERS = devices.worker_count(os.environ.get("CIFAR100_MODEL_WORKERS"))   # one per visible GPU by default
-WARMUP_REQUESTS = 12  # BentoML's dispatcher calls one request at a time for its first ~10 while it fits its cost model
-SMALL_BATCH = 16      # requests of up to this many images have a batcher of their own
-INLINE_CALL_S = 0.001  # one process, CPU: model calls expected to be shorter run on the event loop (batching.py)
+SMALL_BATCH = 16      # requests of up to this many images queue apart and go first (serving/batching.py)
+INLINE_CALL_S = 0.001  # CPU model calls expected to be shorter run on the event loop (serving/batching.py)
+
+
+@functools.cache
+def requests_per_call():
+    """The Prometheus histogram of how many requests each model call merged (GET /metrics). prometheus_client is
+    imported here, not at the top: BentoML points it at the folder its processes share only after importing this
+    module."""
+    import prometheus_client
+    return prometheus_client.Histogram("cifar100_requests_per_model_call", "Requests merged into one model call",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 class ModelHost:
-    """The backend with its call statistics and description: held by each Model worker, or, in the one-process
-    layout, by the front itself. A worker's STATE (serving/workers.py) passes its readiness and statistics on."""
+    """The backend with its batcher, call statistics and description: held by each Model worker, or, in the
+    one-process layout, by the front itself. A worker's STATE (serving/workers.py) passes its readiness and
+    statistics on."""
 
     def __init__(self, stored, state=None):
         self.tag, self.metadata, self.state = str(stored.tag), dict(stored.info.metadata), state
@@ -77,6 +88,13 @@ class ModelHost:
         self.backend.warmup()
         self.stats_lock = threading.Lock()
         self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
+        # Quick calls may run on the event loop, on the CPU only: CUDA graphs and streams belong to one thread.
+        inline_s = INLINE_CALL_S if self.backend.device == "cpu" else 0.0
+        self.batcher = Batcher(self.run, MAX_BATCH_SIZE, MAX_LATENCY_MS / 1000, SMALL_BATCH, inline_s,
+                               on_call=requests_per_call().observe)
+        start = time.perf_counter()   # the model's rate, before the first request has to be judged by it
+        self.backend(blank_images(SMALL_BATCH + 1))
+        self.batcher.learn(SMALL_BATCH + 1, time.perf_counter() - start)
         log.info("loaded %s on %s", self.tag, self.backend.describe())
         if state is not None:
             state.update(force=True, ready=True, backend=self.backend.name, stats=dict(self.stats))
@@ -122,18 +140,17 @@ class Model:
         log.info("model worker %d of %d: %s", index, MODEL_WORKERS, device)
         self.host = ModelHost(self.model_ref, workers.WorkerState(index, device))
 
-    # Two batchers over one backend, split by request size: a small request never queues behind bulk ones in
-    # the same batcher, and each batcher's shedding (max_latency_ms) judges requests of one kind.
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×32×32×3 -> float32 logits N×100, for requests of more than SMALL_BATCH images; BentoML merges
-        concurrent calls into one."""
-        return self.host.run(images)
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def predict_small(self, images: np.ndarray) -> np.ndarray:
-        """The same for requests of up to SMALL_BATCH images (/classify, small /classify_batch)."""
-        return self.host.run(images)
+    # Not a batchable BentoML API: its dispatcher, which this batcher replaces, held a lone request for the mean
+    # wait of recent ones (up to seconds after bulk traffic), judged waits per request rather than per image, and
+    # cost the Model process more CPU per call.
+    @bentoml.api
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×32×32×3 -> float32 logits N×100, from a model call that may hold other requests' images too; a
+        503 {"error", "retry_after"} instead when the request would wait longer than CIFAR100_MAX_LATENCY_MS."""
+        try:
+            return await self.host.batcher(images)
+        except Overloaded as e:   # the front turns it back into Overloaded (Classifier._predict)
+            return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503)
 
     @bentoml.api
     def describe(self) -> dict:
@@ -224,38 +241,29 @@ class Classifier:
         model = bentoml.depends(Model)
 
     def __init__(self):
-        self.classes, self.ready, self.batcher = None, False, None
-        if PROCESSES == 1:   # the front runs the model: its own batcher instead of BentoML's in a second process
-            self.host = ModelHost(self.model_ref)
-            # Quick calls may run on the event loop, on the CPU only: CUDA graphs and streams belong to one thread.
-            inline_s = INLINE_CALL_S if self.host.backend.device == "cpu" else 0.0
-            self.batcher = Batcher(self.host.run, MAX_BATCH_SIZE, MAX_LATENCY_MS / 1000, SMALL_BATCH, inline_s)
+        self.classes, self.ready = None, False
+        self.host = ModelHost(self.model_ref) if PROCESSES == 1 else None   # the front runs the model itself
 
     async def _call_model(self, api, *args):
-        if not hasattr(self.model, "to_async"):  # in-process (unit tests)
-            return await anyio.to_thread.run_sync(getattr(self.model, api), *args)
-        # Under `bentoml serve`: the Model process, through its batcher. Every Model API is idempotent.
+        """A call to the Model process (every Model API is idempotent)."""
         return await bentoml_fixes.call_dependency(getattr(self.model.to_async, api), *args)
 
     async def _predict(self, images):
-        """Logits from the model. In the one-process layout through this process's batcher; else from the Model
-        process: requests of up to SMALL_BATCH images through the batcher of small requests, larger ones through
-        the bulk batcher. A request a batcher sheds (it would wait longer than CIFAR100_MAX_LATENCY_MS) becomes
-        an Overloaded answer."""
-        if self.batcher:
-            return await self.batcher(images)
-        api = "predict_small" if len(images) <= SMALL_BATCH else "predict"
+        """Logits from the model's batcher: this process's in the one-process layout, else the Model process's.
+        Overloaded when the request would wait for the model longer than CIFAR100_MAX_LATENCY_MS."""
+        if self.host:
+            return await self.host.batcher(images)
         try:
-            return await self._call_model(api, images)
-        except ServiceUnavailable:
-            raise Overloaded(f"server busy: this request would wait for the model longer than CIFAR100_MAX_LATENCY_MS="
-                             f"{MAX_LATENCY_MS} allows; retry later", MAX_LATENCY_MS / 1000) from None
+            return await self._call_model("predict", images)
+        except ServiceUnavailable as e:   # Model.predict's 503
+            refusal = json.loads(str(e))
+            raise Overloaded(refusal["error"], refusal["retry_after"]) from None
 
     async def _model_info(self):
-        return self.host.describe() if self.batcher else await self._call_model("describe")
+        return self.host.describe() if self.host else await self._call_model("describe")
 
     async def _model_ready(self):
-        if self.batcher or not hasattr(self.model, "to_async"):
+        if self.host:
             return True
         return await self.model.to_async.is_ready(timeout=5)
 
@@ -267,15 +275,13 @@ class Classifier:
         self.warm_up_task = asyncio.get_running_loop().create_task(self.warm_up())
 
     async def warm_up(self):
-        """Wait for the Model process (loaded and warmed up), then let its batcher fit its cost model."""
+        """Wait for the Model process (loaded and warmed up), then call it once through this process's client."""
         deadline = time.monotonic() + 600
         while True:
             try:
                 if await self._model_ready():
                     await self._class_names()
-                    for _ in range(WARMUP_REQUESTS):
-                        for size in (1, SMALL_BATCH + 1):   # both batchers
-                            await self._predict(blank_images(size))
+                    await self._predict(blank_images(1))
                     self.ready = True
                     log.info("warmed up: ready")
                     return
@@ -287,7 +293,7 @@ class Classifier:
 
     async def __is_ready__(self):
         """Ready once warmed up and, in the two-process layout, once every model worker says it is."""
-        return self.ready and (self.batcher is not None or workers.all_ready(workers.read_all(), MODEL_WORKERS))
+        return self.ready and (self.host is not None or workers.all_ready(workers.read_all(), MODEL_WORKERS))
 
     async def _class_names(self):
         if self.classes is None:
@@ -298,7 +304,7 @@ class Classifier:
         info = await self._model_info()
         info["batching"]["max_body_bytes"] = MAX_BODY_BYTES
         info["front_workers"] = WORKERS
-        if self.batcher is None:   # the model workers, each from its own state: one call reaches only one of them
+        if self.host is None:   # the model workers, each from its own state: one call reaches only one of them
             info["workers"] = workers.read_all()
             info["stats"] = workers.total_stats(info["workers"])
         return info

@@ -43,25 +43,25 @@ def test_cli_refuses_remote_hosts_and_unbounded_runs():
 
 
 METRICS = """\
-# HELP bentoml_service_adaptive_batch_size Service adaptive batch size
-# TYPE bentoml_service_adaptive_batch_size histogram
-bentoml_service_adaptive_batch_size_sum{method_name="predict",worker_index="1"} %(sum)s
-bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="predict",worker_index="1"} %(b1)s
-bentoml_service_adaptive_batch_size_bucket{le="2.0",method_name="predict",worker_index="1"} %(b2)s
-bentoml_service_adaptive_batch_size_bucket{le="4.0",method_name="predict",worker_index="1"} %(b4)s
-bentoml_service_adaptive_batch_size_bucket{le="+Inf",method_name="predict",worker_index="1"} %(b4)s
-bentoml_service_adaptive_batch_size_count{method_name="predict",worker_index="1"} %(b4)s
+# HELP cifar100_requests_per_model_call Requests merged into one model call
+# TYPE cifar100_requests_per_model_call histogram
+cifar100_requests_per_model_call_sum %(sum)s
+cifar100_requests_per_model_call_bucket{le="1.0"} %(b1)s
+cifar100_requests_per_model_call_bucket{le="2.0"} %(b2)s
+cifar100_requests_per_model_call_bucket{le="4.0"} %(b4)s
+cifar100_requests_per_model_call_bucket{le="+Inf"} %(b4)s
+cifar100_requests_per_model_call_count %(b4)s
 """
 
 
-def test_adaptive_batches_are_counted_over_the_run_only():
-    before = METRICS % {"sum": 10, "b1": 10, "b2": 10, "b4": 10}          # 10 single-request batches
+def test_model_calls_are_counted_over_the_run_only():
+    before = METRICS % {"sum": 10, "b1": 10, "b2": 10, "b4": 10}          # 10 single-request calls
     after = METRICS % {"sum": 10 + 1 + 2 * 2 + 4 * 3, "b1": 11, "b2": 13, "b4": 16}
-    got = report.batch_sizes(before, after)["predict"]
-    assert got["batches"] == 6
-    assert got["mean_requests_per_batch"] == pytest.approx(17 / 6)
+    got = report.batch_sizes(before, after)
+    assert got["calls"] == 6
+    assert got["mean_requests_per_call"] == pytest.approx(17 / 6)
     assert got["p50_at_most"] == 2.0 and got["p99_at_most"] == 4.0
-    assert report.batch_sizes("", "") == {}
+    assert report.batch_sizes(before, before) is None and report.batch_sizes("", "") is None
 
 
 # ---------------------------------------------------------------- a real Locust run against a real service
@@ -87,13 +87,13 @@ def test_headless_run_reports_latency_throughput_and_batching(server, tmp_path):
     assert 0 < total["p50_ms"] <= total["p95_ms"] <= total["p99_ms"] and total["rps"] > 0
     assert summary["endpoints"]["/classify_batch"]["images_per_s"] == pytest.approx(
         16 * summary["endpoints"]["/classify_batch"]["rps"])
-    batches = summary["adaptive_batches"]["predict_small"]  # BentoML's histogram, read from /metrics
-    assert batches["batches"] >= 1 and batches["mean_requests_per_batch"] >= 1
+    calls = summary["model_calls"]   # the service's histogram, read from /metrics
+    assert calls["calls"] >= 1 and calls["mean_requests_per_call"] >= 1
     for name in ("u4_stats.csv", "u4_stats_history.csv", "u4_failures.csv"):
         assert (out / name).stat().st_size > 0
     assert "locust" in (out / "u4_report.html").read_text().lower()
     assert (out / "u4_timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "p99 ms" in done.stdout and "/classify_batch" in done.stdout and "requests per batch" in done.stdout
+    assert "p99 ms" in done.stdout and "/classify_batch" in done.stdout and "requests per call" in done.stdout
 
 
 def test_sweep_plots_latency_against_throughput(server, tmp_path):

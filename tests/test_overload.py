@@ -106,7 +106,7 @@ def run_batcher(coroutine):
 
 
 def test_the_batcher_merges_what_queues_while_busy_and_never_holds_a_lone_call():
-    calls, gate = [], threading.Event()
+    calls, merged, gate = [], [], threading.Event()
 
     def model(images):
         calls.append(len(images))
@@ -114,7 +114,7 @@ def test_the_batcher_merges_what_queues_while_busy_and_never_holds_a_lone_call()
         return images.reshape(len(images), -1)[:, :3].astype(np.float32)
 
     async def scenario():
-        batcher = Batcher(model, max_images=10, max_latency_s=60)
+        batcher = Batcher(model, max_images=10, max_latency_s=60, on_call=merged.append)
         first = asyncio.create_task(batcher(random_images(2, seed=1)))
         await asyncio.sleep(0.1)                 # the model is busy with the first call
         assert calls == [2]
@@ -123,6 +123,10 @@ def test_the_batcher_merges_what_queues_while_busy_and_never_holds_a_lone_call()
         gate.set()
         results = await asyncio.gather(first, *rest)
         assert calls == [2, 7, 5]                # 3 + 4 merged; 5 more would pass max_images
+        assert merged == [1, 2, 1]               # requests per call
+        calls.clear()
+        result = await batcher(random_images(25, seed=25))   # more than max_images: split, in order
+        assert calls == [10, 10, 5] and np.array_equal(result, random_images(25, seed=25).reshape(25, -1)[:, :3])
         for n, result in zip((2, 3, 4, 5), results):
             assert np.array_equal(result, random_images(n, seed=1 if n == 2 else n).reshape(n, -1)[:, :3])
         start = time.perf_counter()
@@ -170,11 +174,11 @@ def test_only_calls_expected_to_be_quick_run_on_the_event_loop():
     async def scenario(inline_s):
         threads.clear()
         batcher = Batcher(model, max_images=100, max_latency_s=60, inline_s=inline_s)
-        for n in (10, 2, 20):   # the first call: no rate known yet
+        for n in (20, 2, 30):   # the first call: no rate known yet
             await batcher(random_images(n))
         return [name == threading.current_thread().name for name in threads]
 
-    assert run_batcher(scenario(0.005)) == [False, True, False]   # 2 images ~2 ms: on the loop; 20 ~20 ms: not
+    assert run_batcher(scenario(0.005)) == [False, True, False]   # 2 images ~2 ms: on the loop; 30 ~30 ms: not
     assert run_batcher(scenario(0.0)) == [False, False, False]    # the default: every call on the model thread
 
 
@@ -185,7 +189,10 @@ def test_the_batcher_refuses_what_would_wait_too_long_and_passes_errors_on():
 
     async def scenario():
         batcher = Batcher(slow, max_images=100, max_latency_s=0.2)
-        await batcher(random_images(10))         # learns ~200 img/s
+        await batcher(random_images(20))         # learns ~200 img/s
+        rate = batcher.img_per_s
+        await batcher(random_images(2))          # too small a call to judge the rate by
+        assert batcher.img_per_s == rate
         busy = asyncio.create_task(batcher(random_images(100)))   # ~0.5 s of work queued
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded, match=r"wait about .* CIFAR100_MAX_LATENCY_MS=200"):

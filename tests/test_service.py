@@ -2,7 +2,6 @@
 import concurrent.futures
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import requests
 import torch
 from PIL import Image
 
+from loadtest import report
 from serving.answers import BatchAnswer, ClassifyAnswer, InfoAnswer
 from serving.images import INLINE_IMAGES, quick_to_decode, to_rgb
 from training.checkpoint import load_classifier
@@ -90,7 +90,7 @@ def test_info_and_probes(server):
     assert info["batching"]["max_images_per_request"] == 64 and info["batching"]["max_batch_size"] == 1024
     assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
     assert requests.get(f"{server}/livez", timeout=10).status_code == 200
-    assert "bentoml_service_adaptive_batch_size" in requests.get(f"{server}/metrics", timeout=10).text
+    assert "cifar100_requests_per_model_call" in requests.get(f"{server}/metrics", timeout=10).text
 
 
 @pytest.mark.parametrize("which", ["server", "torch_server", "one_process_server"])
@@ -368,11 +368,8 @@ def test_concurrent_requests_are_merged(server, direct):
         assert response.json()["class_ids"] == direct(images).argmax(1).tolist()
     assert requests.get(f"{server}/info", timeout=10).json()["stats"]["largest_call"] > 2
     metrics = requests.get(f"{server}/metrics", timeout=10).text
-    buckets = {float(le): float(n) for le, n in re.findall(
-        r'bentoml_service_adaptive_batch_size_bucket\{le="([0-9.]+)".*method_name="predict_small".*\} ([0-9.]+)', metrics)}
-    total = float(re.search(r'bentoml_service_adaptive_batch_size_count\{.*method_name="predict_small".*\} ([0-9.]+)',
-                            metrics).group(1))
-    assert buckets[1.0] < total, "no model call merged more than one request"
+    calls = report.batch_histogram(metrics)   # requests merged per model call
+    assert calls["buckets"]["1.0"] < calls["count"], "no model call merged more than one request"
 
 
 # ---- packaging -----------------------------------------------------------------------------------------
