@@ -122,7 +122,7 @@ def run_locust(a, users, out):
         stats["/classify_batch"]["images_per_s"] = stats["/classify_batch"]["rps"] * a.batch
     summary = {"host": a.host, "users": users, "spawn_rate": spawn_rate, "run_time_s": a.run_time,
                "tags": a.tags or ["images", "batch"], "batch": a.batch, "endpoints": stats, "total": total,
-               "model_calls": report.batch_sizes(before, metrics_text(a.host)),
+               "model_calls": report.model_calls(before, metrics_text(a.host)),
                "files": {"stats": f"{prefix}_stats.csv", "history": f"{prefix}_stats_history.csv",
                          "html": f"{prefix}_report.html", "timeline": f"{prefix}_timeline.png"}}
     write_json(f"{prefix}_summary.json", summary)

@@ -49,7 +49,7 @@ def read_history(path):
     return {"t": t, "users": [int(r["User Count"]) for r in rows], "rps": rps, **latency}
 
 
-def batch_histogram(metrics_text):
+def model_call_histogram(metrics_text):
     """{"count", "sum", "buckets": {upper bound: cumulative count}} of the service's model calls, summed over its
     processes."""
     h = {"count": 0.0, "sum": 0.0, "buckets": {}}
@@ -67,10 +67,10 @@ def batch_histogram(metrics_text):
     return h
 
 
-def batch_sizes(before_text, after_text):
+def model_calls(before_text, after_text):
     """The model calls made during the run (after minus before): their count, and the mean and quantiles of the
     requests each merged; None when there were none."""
-    before, after = batch_histogram(before_text), batch_histogram(after_text)
+    before, after = model_call_histogram(before_text), model_call_histogram(after_text)
     count = after["count"] - before["count"]
     if count <= 0:
         return None

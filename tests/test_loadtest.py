@@ -57,11 +57,11 @@ cifar100_requests_per_model_call_count %(b4)s
 def test_model_calls_are_counted_over_the_run_only():
     before = METRICS % {"sum": 10, "b1": 10, "b2": 10, "b4": 10}          # 10 single-request calls
     after = METRICS % {"sum": 10 + 1 + 2 * 2 + 4 * 3, "b1": 11, "b2": 13, "b4": 16}
-    got = report.batch_sizes(before, after)
+    got = report.model_calls(before, after)
     assert got["calls"] == 6
     assert got["mean_requests_per_call"] == pytest.approx(17 / 6)
     assert got["p50_at_most"] == 2.0 and got["p99_at_most"] == 4.0
-    assert report.batch_sizes(before, before) is None and report.batch_sizes("", "") is None
+    assert report.model_calls(before, before) is None and report.model_calls("", "") is None
 
 
 # ---------------------------------------------------------------- a real Locust run against a real service

@@ -368,7 +368,7 @@ def test_concurrent_requests_are_merged(server, direct):
         assert response.json()["class_ids"] == direct(images).argmax(1).tolist()
     assert requests.get(f"{server}/info", timeout=10).json()["stats"]["largest_call"] > 2
     metrics = requests.get(f"{server}/metrics", timeout=10).text
-    calls = report.batch_histogram(metrics)   # requests merged per model call
+    calls = report.model_call_histogram(metrics)   # requests merged per model call
     assert calls["buckets"]["1.0"] < calls["count"], "no model call merged more than one request"
 
 
