@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from serving.admission import Overloaded
+from training.contract import chunks
 
 
 class Batcher:
@@ -41,11 +42,10 @@ class Batcher:
                              wait - self.max_latency)
         loop = asyncio.get_running_loop()
         futures = []
-        for start in range(0, len(images), self.max_images):   # a larger request: split, in order
-            chunk = images[start:start + self.max_images]
+        for rows in chunks(len(images), self.max_images):   # a larger request: split, in order
             futures.append(loop.create_future())
-            self.queues[small].append((chunk, futures[-1]))
-            self.waiting[small] += len(chunk)
+            self.queues[small].append((images[rows], futures[-1]))
+            self.waiting[small] += rows.stop - rows.start
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self.drain())
         results = await asyncio.gather(*futures)
