@@ -85,7 +85,8 @@ class Batcher:
                 results = [e] * len(jobs)
             else:
                 self.learn(self.running, time.perf_counter() - start)
-                results = np.split(logits, np.cumsum([len(images) for images, _ in jobs])[:-1])
+                results = [logits] if len(jobs) == 1 else \
+                    np.split(logits, np.cumsum([len(images) for images, _ in jobs])[:-1])
             finally:
                 self.running = 0
             for (_, future), result in zip(jobs, results):

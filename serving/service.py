@@ -7,7 +7,7 @@ Two services in one `bentoml serve`:
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
               (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
-as pickle-5 out-of-band buffers on a local socket (no JSON arrays anywhere). With CIFAR100_PROCESSES=1 the front
+as raw frames on a Unix socket per model worker (serving/channel.py), not through BentoML's client. With CIFAR100_PROCESSES=1 the front
 holds the model and its batcher itself.
 
 Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
@@ -17,7 +17,6 @@ CIFAR100_API_TOKEN(_FILE).
 """
 import asyncio
 import functools
-import json
 import logging
 import os
 import threading
@@ -29,11 +28,10 @@ import bentoml
 import fastapi
 import numpy as np
 import pydantic
-from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
-from serving import access, bentoml_fixes, devices, workers
+from serving import access, bentoml_fixes, channel, devices, workers
 from serving.admission import Overloaded
 from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
 from serving.backends import cpu_cores, load_backend
@@ -79,8 +77,7 @@ def requests_per_call():
 
 class ModelHost:
     """The backend with its batcher, call statistics and description: held by each Model worker, or, in the
-    one-process layout, by the front itself. A worker's STATE (serving/workers.py) passes its readiness and
-    statistics on."""
+    one-process layout, by the front itself. A worker's STATE (serving/workers.py) passes its statistics on."""
 
     def __init__(self, stored, state=None):
         self.tag, self.metadata, self.state = str(stored.tag), dict(stored.info.metadata), state
@@ -97,7 +94,7 @@ class ModelHost:
         self.batcher.learn(SMALL_BATCH + 1, time.perf_counter() - start)
         log.info("loaded %s on %s", self.tag, self.backend.describe())
         if state is not None:
-            state.update(force=True, ready=True, backend=self.backend.name, stats=dict(self.stats))
+            state.update(force=True, backend=self.backend.name, stats=dict(self.stats))
 
     def run(self, images):
         start = time.perf_counter()
@@ -139,19 +136,15 @@ class Model:
         index = bentoml.server_context.worker_index or 1
         device = devices.bind_worker(index, MODEL_WORKERS, cpu_cores())
         log.info("model worker %d of %d: %s", index, MODEL_WORKERS, device)
-        self.host = ModelHost(self.model_ref, workers.WorkerState(index, device))
+        self.index, self.host = index, ModelHost(self.model_ref, workers.WorkerState(index, device))
 
-    # Not a batchable BentoML API: its dispatcher, which this batcher replaces, held a lone request for the mean
-    # wait of recent ones (up to seconds after bulk traffic), judged waits per request rather than per image, and
-    # cost the Model process more CPU per call.
-    @bentoml.api
-    async def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×32×32×3 -> float32 logits N×100, from a model call that may hold other requests' images too; a
-        503 {"error", "retry_after"} instead when the request would wait longer than CIFAR100_MAX_LATENCY_MS."""
-        try:
-            return await self.host.batcher(images)
-        except Overloaded as e:   # the front turns it back into Overloaded (Classifier._predict)
-            return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503)
+    @bentoml.on_startup
+    async def listen(self):
+        """Take the front's model calls (serving/channel.py); ready from then on."""
+        path = workers.socket_path(self.index)
+        path.unlink(missing_ok=True)   # left by this worker's predecessor, if it was restarted
+        self.channel = await channel.serve(str(path), self.host.batcher, MAX_IMAGES)
+        self.host.state.update(force=True, ready=True)
 
     @bentoml.api
     def describe(self) -> dict:
@@ -244,6 +237,8 @@ class Classifier:
     def __init__(self):
         self.classes, self.ready = None, False
         self.host = ModelHost(self.model_ref) if PROCESSES == 1 else None   # the front runs the model itself
+        self.channel = None if self.host else \
+            channel.ModelChannel([str(workers.socket_path(i)) for i in range(1, MODEL_WORKERS + 1)])
 
     async def _call_model(self, api, *args):
         """A call to the Model process (every Model API is idempotent)."""
@@ -252,13 +247,7 @@ class Classifier:
     async def _predict(self, images):
         """Logits from the model's batcher: this process's in the one-process layout, else the Model process's.
         Overloaded when the request would wait for the model longer than CIFAR100_MAX_LATENCY_MS."""
-        if self.host:
-            return await self.host.batcher(images)
-        try:
-            return await self._call_model("predict", images)
-        except ServiceUnavailable as e:   # Model.predict's 503
-            refusal = json.loads(str(e))
-            raise Overloaded(refusal["error"], refusal["retry_after"]) from None
+        return await (self.host.batcher if self.host else self.channel)(images)
 
     async def _model_info(self):
         return self.host.describe() if self.host else await self._call_model("describe")

@@ -22,6 +22,11 @@ def state_dir():
     return folder
 
 
+def socket_path(index):
+    """Where model worker INDEX listens for the front's model calls (serving/channel.py)."""
+    return state_dir() / f"model-{index}.sock"
+
+
 class WorkerState:
     """This worker's file: written at once when forced (ready, asked for), else by a background thread at most
     every WRITE_EVERY_S while its statistics change."""
