@@ -51,7 +51,8 @@ class Frames(asyncio.BufferedProtocol):
                 return
             self.id, self.status, size = HEADER.unpack(self.header)
             if size > self.max_bytes:
-                log.error("model channel: a frame of %d bytes, more than %d; closing the connection", size, self.max_bytes)
+                log.error("model channel: a frame of %d bytes, over the %d allowed; closing the connection", size,
+                          self.max_bytes)
                 self.transport.close()
                 return
             self.payload, self.filled = bytearray(size), 0

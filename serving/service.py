@@ -7,8 +7,8 @@ Two services in one `bentoml serve`:
   Classifier  the HTTP front: checks requests (serving/guard.py: token, bytes in flight, body), parses uploads
               (.npy or image files, as the raw body or multipart), calls the Model, shapes JSON; GET /info, /ui.
 Decoding images in the front process keeps Pillow off the model's process and GIL; the arrays cross over
-as raw frames on a Unix socket per model worker (serving/channel.py), not through BentoML's client. With CIFAR100_PROCESSES=1 the front
-holds the model and its batcher itself.
+as raw frames on a Unix socket per model worker (serving/channel.py), not through BentoML's client. With
+CIFAR100_PROCESSES=1 the front holds the model and its batcher itself.
 
 Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
 CIFAR100_MAX_BATCH_SIZE, CIFAR100_MAX_LATENCY_MS, CIFAR100_MAX_IMAGES, CIFAR100_MAX_BODY_MB,
@@ -143,7 +143,7 @@ class Model:
         """Take the front's model calls (serving/channel.py); ready from then on."""
         path = workers.socket_path(self.index)
         path.unlink(missing_ok=True)   # left by this worker's predecessor, if it was restarted
-        self.channel = await channel.serve(str(path), self.host.batcher, MAX_IMAGES)
+        self.listener = await channel.serve(str(path), self.host.batcher, MAX_IMAGES)
         self.host.state.update(force=True, ready=True)
 
     @bentoml.api
