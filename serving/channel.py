@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import struct
+import time
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from training.contract import IMAGE_DTYPE, IMAGE_SHAPE, NUM_CLASSES
 log = logging.getLogger("bentoml.service")
 HEADER = struct.Struct("<QBI")   # request id, status, payload bytes
 OK, OVERLOADED, FAILED = 0, 1, 2
+DOWN_S = 1.0   # how long the front leaves a worker it could not reach alone, while another one answers
 IMAGE_BYTES = int(np.prod(IMAGE_SHAPE)) * np.dtype(IMAGE_DTYPE).itemsize
 
 
@@ -162,24 +164,29 @@ class Line:
 
 class ModelChannel:
     """The front's connections to the Model workers listening on PATHS. Each request goes to the worker with the
-    fewest requests in flight. A request whose connection breaks (its worker restarted) is sent once more on a new
-    one (model calls are idempotent); when that fails too, it is refused with 503 and Retry-After."""
+    fewest requests in flight, skipping for DOWN_S one that could not be reached while another can. A request whose
+    connection breaks (its worker restarted) is sent once more, on a new one (model calls are idempotent); when that
+    fails too, it is refused with 503 and Retry-After."""
 
     def __init__(self, paths):
         self.lines = {path: Line(path) for path in paths}
+        self.down_until = dict.fromkeys(paths, 0.0)
 
     def line(self):
         for path, line in self.lines.items():
             if line.broken():
                 self.lines[path] = Line(path)
-        return min(self.lines.values(), key=lambda line: len(line.pending))
+        now = time.monotonic()
+        up = [line for path, line in self.lines.items() if self.down_until[path] <= now]
+        return min(up or self.lines.values(), key=lambda line: len(line.pending))
 
     async def __call__(self, images):
-        try:
-            return await self.line()(images)
-        except ConnectionError as e:
-            log.warning("model channel: %s; retrying once", e)
-        try:
-            return await self.line()(images)
-        except ConnectionError as e:
-            raise Overloaded(f"no model worker available ({e}); retry later", 1) from None
+        for attempt in (1, 2):
+            line = self.line()
+            try:
+                return await line(images)
+            except ConnectionError as e:
+                self.down_until[line.path] = time.monotonic() + DOWN_S
+                if attempt == 2:
+                    raise Overloaded(f"no model worker available ({e}); retry later", 1) from None
+                log.warning("model channel: %s; retrying once", e)

@@ -252,10 +252,9 @@ class Classifier:
     async def _model_info(self):
         return self.host.describe() if self.host else await self._call_model("describe")
 
-    async def _model_ready(self):
-        if self.host:
-            return True
-        return await self.model.to_async.is_ready(timeout=5)
+    def _model_ready(self):
+        """Whether every model worker is up and listening on its channel (serving/workers.py)."""
+        return self.host is not None or workers.all_ready(workers.read_all(), MODEL_WORKERS)
 
     @bentoml.on_startup
     async def start_warm_up(self):
@@ -265,25 +264,24 @@ class Classifier:
         self.warm_up_task = asyncio.get_running_loop().create_task(self.warm_up())
 
     async def warm_up(self):
-        """Wait for the Model process (loaded and warmed up), then call it once through this process's client."""
-        deadline = time.monotonic() + 600
-        while True:
+        """Wait for the model workers (loaded, warmed up, listening), then call the model once from this process."""
+        deadline, why = time.monotonic() + 600, "not every model worker is ready"
+        while time.monotonic() < deadline:
             try:
-                if await self._model_ready():
+                if self._model_ready():
                     await self._class_names()
                     await self._predict(blank_images(1))
                     self.ready = True
                     log.info("warmed up: ready")
                     return
             except Exception as e:  # not connected or not up yet
-                if time.monotonic() > deadline:
-                    log.error("the Model service did not become ready in 600 s: %s", e)
-                    return
+                why = e
             await asyncio.sleep(0.2)
+        log.error("the Model service did not become ready in 600 s: %s", why)
 
     async def __is_ready__(self):
         """Ready once warmed up and, in the two-process layout, once every model worker says it is."""
-        return self.ready and (self.host is not None or workers.all_ready(workers.read_all(), MODEL_WORKERS))
+        return self.ready and self._model_ready()
 
     async def _class_names(self):
         if self.classes is None:

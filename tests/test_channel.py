@@ -198,3 +198,21 @@ def test_a_worker_closes_a_connection_that_sends_a_frame_larger_than_it_takes(tm
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_that_cannot_be_reached_is_left_alone_while_another_answers(tmp_path, caplog):
+    live, dead = str(tmp_path / "live.sock"), str(tmp_path / "dead.sock")
+
+    async def main():
+        server = await channel.serve(live, slow_model, max_images=16)
+        front = channel.ModelChannel([dead, live])
+        batches = [random_images(1, seed=i) for i in range(20)]
+        answers = [await front(images) for images in batches]
+        server.close()
+        return batches, answers
+
+    batches, answers = asyncio.run(main())
+    for images, logits in zip(batches, answers):   # every request answered, by the live worker
+        np.testing.assert_array_equal(logits, logits_of(images))
+    retries = [r for r in caplog.records if "retrying once" in r.getMessage()]
+    assert len(retries) == 1 and "dead.sock" in retries[0].getMessage()   # tried once, then left alone

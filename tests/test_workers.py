@@ -1,10 +1,13 @@
 """Model workers: one per visible GPU by default, each bound to its own device; a real `bentoml serve` with two CPU
 workers: both serve, the answers are the one-worker service's, /info and readiness see every worker; the clients
-size their concurrency from the worker count."""
+size their concurrency from the worker count; a killed worker costs no request while the other answers."""
+import collections
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -107,3 +110,55 @@ def test_the_clients_keep_every_worker_busy(two_workers, tmp_path):
     scorer = ServiceScorer(two_workers)
     scorer.describe()
     assert scorer.model_workers == 2 and IN_FLIGHT_PER_WORKER * scorer.model_workers == 8
+
+
+def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_retry_after(two_workers):
+    """Run last in this module: it kills the workers (BentoML restarts them) and waits until both are back."""
+    def worker_pids():
+        return {w["worker"]: (w["pid"], w["ready"]) for w in requests.get(f"{two_workers}/info", timeout=10).json()["workers"]}
+
+    def back_after(before, index):   # the worker restarted: a new pid, and ready
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            pid, ready = worker_pids().get(index, (before, False))   # none: its new process has not written yet
+            if pid != before and ready:
+                return
+            time.sleep(0.2)
+        pytest.fail(f"model worker {index} did not come back in 90 s")
+
+    def traffic(until):
+        """The statuses of one-image requests sent one after another until UNTIL is set."""
+        statuses, session = collections.Counter(), requests.Session()
+        while not until.is_set():
+            statuses[session.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(
+                0, 256, (1, 32, 32, 3), dtype=np.uint8)), headers={"Content-Type": "application/x-npy"},
+                timeout=30).status_code] += 1
+        return statuses
+
+    before = worker_pids()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        until = threading.Event()
+        running = [pool.submit(traffic, until) for _ in range(2)]
+        try:
+            time.sleep(0.5)
+            os.kill(before[1][0], signal.SIGKILL)
+            back_after(before[1][0], 1)
+        finally:
+            until.set()
+        statuses = sum((f.result() for f in running), collections.Counter())
+    assert set(statuses) == {200} and statuses[200] > 20, statuses   # worker 2 took them all
+
+    before = worker_pids()
+    for pid, _ in before.values():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    refused = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
+                            dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"].startswith("no model worker available")
+    for index, (pid, _) in before.items():
+        back_after(pid, index)
+    assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 200
+    again = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
+                          dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
+    assert again.status_code == 200 and len(again.json()["class_ids"]) == 1
