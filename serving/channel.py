@@ -144,6 +144,8 @@ class Line:
             status, payload = await answer
         finally:
             del self.pending[request_id]
+        if status is None:
+            raise ConnectionError(f"the model worker at {self.path} closed the connection")
         if status == OK:
             return np.frombuffer(payload, np.float32).reshape(len(images), NUM_CLASSES)
         if status == OVERLOADED:
@@ -158,8 +160,8 @@ class Line:
 
     def lost(self, exc):
         for answer in self.pending.values():
-            if not answer.done():
-                answer.set_exception(ConnectionError(f"the model worker at {self.path} closed the connection"))
+            if not answer.done():   # a result, not an exception: a caller that has not sent yet never reads it
+                answer.set_result((None, b""))
 
 
 class ModelChannel:
