@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from training.files import write_json
 
 WRITE_EVERY_S = 1.0   # a worker's statistics reach the front at most this late
@@ -72,8 +74,17 @@ def listed(info):
 
 
 def all_ready(states, expected):
-    """Whether EXPECTED workers have said they are ready."""
-    return sum(1 for s in states if s.get("ready")) >= expected
+    """Whether EXPECTED workers have said they are ready and still run (a killed worker's file says ready until
+    its successor replaces it)."""
+    return sum(1 for s in states if s.get("ready") and running(s["pid"])) >= expected
+
+
+def running(pid):
+    """Whether process PID runs: not gone, and not a zombie its parent has yet to reap."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def total_stats(states):

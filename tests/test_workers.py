@@ -65,10 +65,14 @@ def test_a_bound_worker_sees_exactly_its_gpu():
     assert count == "1" and gpu == visible
 
 
-def test_readiness_needs_every_worker_and_statistics_add_up():
-    states = [{"worker": 1, "ready": True, "stats": {"model_calls": 2, "images": 10, "largest_call": 8, "seconds": 0.5}},
-              {"worker": 2, "ready": False}]
+def test_readiness_needs_every_worker_running_and_statistics_add_up():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    states = [{"worker": 1, "pid": os.getpid(), "ready": True,
+               "stats": {"model_calls": 2, "images": 10, "largest_call": 8, "seconds": 0.5}},
+              {"worker": 2, "pid": os.getpid(), "ready": False}]
     assert not workers.all_ready(states, 2) and workers.all_ready(states, 1)
+    assert not workers.all_ready([{**states[0], "pid": gone.pid}], 1)   # killed, its file not yet replaced
     assert workers.total_stats(states) == {"model_calls": 2, "images": 10, "largest_call": 8, "seconds": 0.5}
 
 
@@ -152,6 +156,7 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
     for pid, _ in before.values():
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
+    assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 503   # out of a load balancer's rotation
     refused = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
                             dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
