@@ -1,7 +1,7 @@
 """The front's line to the Model workers: the images and the logits as raw frames over a Unix socket per worker.
 
-Why not BentoML's own call to a dependency: per one-image request it cost ~2.7 ms of CPU across the two processes
-(its HTTP client, uvicorn, the middleware, pickling: docs/performance.md), ten times the ONNX Runtime call itself.
+Why not BentoML's own call to a dependency: per one-image request it cost 2.3–3.4 ms of CPU across the two
+processes (its HTTP client, uvicorn, the middleware, pickling: docs/performance.md), five times the model call.
 These frames cost ~0.2 ms. BentoML still starts, restarts and describes the workers; only `predict` goes this way.
 
 A frame is a header (request id, status, payload bytes), then the payload: uint8 N×32×32×3 images to the worker;
