@@ -146,6 +146,12 @@ class Model:
         self.listener = await channel.serve(str(path), self.host.batcher, MAX_IMAGES)
         self.host.state.update(force=True, ready=True)
 
+    @bentoml.on_shutdown
+    async def close(self):
+        self.listener.close()
+        workers.socket_path(self.index).unlink(missing_ok=True)
+        self.host.state.remove()
+
     @bentoml.api
     def describe(self) -> dict:
         return self.host.describe()

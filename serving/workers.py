@@ -19,9 +19,8 @@ WRITE_EVERY_S = 1.0   # a worker's statistics reach the front at most this late
 
 
 def state_dir():
-    folder = Path(tempfile.gettempdir()) / f"cifar100-serve-{os.getppid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
+    """The folder of this server's workers (made by the first of them; the last one out removes it)."""
+    return Path(tempfile.gettempdir()) / f"cifar100-serve-{os.getppid()}"
 
 
 def socket_path(index):
@@ -34,16 +33,17 @@ class WorkerState:
     every WRITE_EVERY_S while its statistics change."""
 
     def __init__(self, index, device):
+        state_dir().mkdir(mode=0o700, exist_ok=True)
         self.path = state_dir() / f"worker-{index}.json"
         self.state = {"worker": index, "pid": os.getpid(), "device": device, "ready": False}
-        self.lock, self.changed = threading.Lock(), threading.Event()
+        self.lock, self.changed, self.removed = threading.Lock(), threading.Event(), False
         self.path.unlink(missing_ok=True)   # a worker that restarts is not ready until it says so again
         threading.Thread(target=self._flush, daemon=True, name="worker-state").start()
 
     def update(self, force=False, **facts):
         with self.lock:
             self.state.update(facts)
-            if force:
+            if force and not self.removed:
                 write_json(self.path, self.state)
             else:
                 self.changed.set()
@@ -54,7 +54,18 @@ class WorkerState:
             time.sleep(WRITE_EVERY_S)
             with self.lock:
                 self.changed.clear()
-                write_json(self.path, self.state)
+                if not self.removed:
+                    write_json(self.path, self.state)
+
+    def remove(self):
+        """At shutdown: this worker's file goes, and the folder with it when no other worker's is left."""
+        with self.lock:
+            self.removed = True
+            self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()
+        except OSError:   # not empty: another worker still runs (or its socket is still there)
+            pass
 
 
 def read_all():

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +169,12 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
     again = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
                           dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
     assert again.status_code == 200 and len(again.json()["class_ids"]) == 1
+
+
+def test_a_stopped_server_leaves_no_folder_behind(model_store, tmp_path):
+    from serving.local_server import LocalServer
+    with LocalServer(model_store, {"CIFAR100_BACKEND": "onnx", "CIFAR100_MODEL_WORKERS": 2}, run_dir=tmp_path) as server:
+        folder = Path(tempfile.gettempdir()) / f"cifar100-serve-{server.process.pid}"   # named after the arbiter
+        assert sorted(p.name for p in folder.iterdir()) == ["model-1.sock", "model-2.sock", "worker-1.json",
+                                                             "worker-2.json"]
+    assert not folder.exists()
