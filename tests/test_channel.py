@@ -3,6 +3,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +116,6 @@ asyncio.run(main())
 
 
 def start_worker(path):
-    from pathlib import Path
     worker = subprocess.Popen([sys.executable, "-c", WORKER.format(repo=str(Path(__file__).parents[1]), path=path)],
                               stdout=subprocess.PIPE, text=True)
     assert worker.stdout.readline().strip() == "listening"

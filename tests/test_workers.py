@@ -24,6 +24,16 @@ from training.contract import npy_bytes
 RNG = np.random.default_rng(3)
 
 
+def classify_batch(url, images, session=requests):
+    """POST IMAGES to /classify_batch as the raw .npy body."""
+    return session.post(f"{url}/classify_batch", data=npy_bytes(images), headers={"Content-Type": "application/x-npy"},
+                        timeout=60)
+
+
+def one_image():
+    return RNG.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+
+
 def test_worker_count_is_one_per_visible_gpu_unless_set(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
     assert devices.visible_gpus() == ["2", "5", "7"] and devices.worker_count() == 3
@@ -94,8 +104,7 @@ def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
 
     def classify(images):
-        return session.post(f"{two_workers}/classify_batch", data=npy_bytes(images),
-                            headers={"Content-Type": "application/x-npy"}, timeout=60).json()["class_ids"]
+        return classify_batch(two_workers, images, session).json()["class_ids"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(classify, batches))
     with torch.inference_mode():
@@ -136,9 +145,7 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
         """The statuses of one-image requests sent one after another until UNTIL is set."""
         statuses, session = collections.Counter(), requests.Session()
         while not until.is_set():
-            statuses[session.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(
-                0, 256, (1, 32, 32, 3), dtype=np.uint8)), headers={"Content-Type": "application/x-npy"},
-                timeout=30).status_code] += 1
+            statuses[classify_batch(two_workers, one_image(), session).status_code] += 1
         return statuses
 
     before = worker_pids()
@@ -159,15 +166,13 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 503   # out of a load balancer's rotation
-    refused = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
-                            dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
+    refused = classify_batch(two_workers, one_image())
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"].startswith("no model worker available")
     for index, (pid, _) in before.items():
         back_after(pid, index)
     assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 200
-    again = requests.post(f"{two_workers}/classify_batch", data=npy_bytes(RNG.integers(0, 256, (1, 32, 32, 3),
-                          dtype=np.uint8)), headers={"Content-Type": "application/x-npy"}, timeout=30)
+    again = classify_batch(two_workers, one_image())
     assert again.status_code == 200 and len(again.json()["class_ids"]) == 1
 
 
