@@ -12,7 +12,7 @@ version (docs/bentoml-workarounds.md gives the symptom, the measurement, the ups
 5. Documentation: the OpenAPI document gets the error answers and their schema (`document_errors`), and other
    request bodies an API takes (`document_raw_body`).
 6. Time: OpenTelemetry's ASGI middleware opened a span of its own for every message a request received or sent
-   (a 3 MB body: ~50); each request keeps its one server span.
+   (a 3 MB body: ~50); each request keeps its one server span, and while tracing samples nothing, only its ids.
 """
 import asyncio
 import contextvars
@@ -166,11 +166,38 @@ def with_error_answers(generate_spec):
 # 6 ------------------------------------------------------------------------------------------------------------
 
 def one_span_per_request(base):
+    from opentelemetry import context, propagate, trace
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class IdsOnly(trace.NonRecordingSpan):
+        """A span that records nothing and carries fresh ids; `context` is what BentoML's request hook reads."""
+        ids = RandomIdGenerator()
+
+        def __init__(self):
+            super().__init__(trace.SpanContext(self.ids.generate_trace_id(), self.ids.generate_span_id(), False))
+
+        context = property(trace.NonRecordingSpan.get_span_context)
+
     class OpenTelemetryMiddleware(base):
-        """The request's server span without a child span per received or sent message."""
+        """The request's server span without a child span per received or sent message. While no span can be
+        sampled (BentoML's tracing.sample_rate is 0 and the request carries no trace context), not even that one:
+        the request gets the ids BentoML's access log and its X-BentoML-Request-ID header read, and nothing else."""
         one_span_per_request = True
 
         def __init__(self, app, **options):
             options.setdefault("exclude_spans", ["receive", "send"])
             super().__init__(app, **options)
+            sampler = getattr(options.get("tracer_provider"), "sampler", None)
+            # trace id 0 is the one a ratio sampler takes first: if even it is not sampled, no root span is
+            self.may_sample = sampler is None or sampler.should_sample(context.Context(), 0, "probe").decision.is_sampled()
+            self.trace_headers = {name.encode() for name in propagate.get_global_textmap().fields}
+
+        async def __call__(self, scope, receive, send):
+            if self.may_sample or scope["type"] != "http" or any(k in self.trace_headers for k, _ in scope["headers"]):
+                return await super().__call__(scope, receive, send)
+            span = IdsOnly()
+            with trace.use_span(span, end_on_exit=False):
+                if self.server_request_hook:
+                    self.server_request_hook(span, scope)
+                await self.app(scope, receive, send)
     return OpenTelemetryMiddleware

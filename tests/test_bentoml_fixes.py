@@ -1,6 +1,7 @@
 """serving/bentoml_fixes.py: applied only on the BentoML version it was written for; the per-request timeout must
 not keep a finished request's state alive; response media types are not worked out anew for every response; a
-call whose pooled connection closed is retried once; a request is traced with one span, not one per message."""
+call whose pooled connection closed is retried once; a request is traced with one span, not one per message, and
+with none while tracing samples nothing, yet keeps its ids."""
 import asyncio
 import contextvars
 import gc
@@ -15,8 +16,10 @@ import pytest
 from _bentoml_sdk import io_models
 from _bentoml_sdk.io_models import IODescriptor
 import opentelemetry.instrumentation.asgi as otel_asgi
+from bentoml._internal.context import trace_context
 from bentoml._internal.server.http import traffic
-from opentelemetry.sdk.trace import TracerProvider
+from bentoml._internal.utils.telemetry import ParentBasedTraceIdRatio
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.formparsers import MultiPartParser
@@ -67,17 +70,26 @@ def test_on_the_tested_version_everything_is_applied_once(monkeypatch):
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
 
 
-def traced_spans(middleware_class, body_chunks):
-    """The spans the ASGI tracing middleware records for one request whose body arrives in BODY_CHUNKS messages."""
+def one_traced_request(middleware_class, body_chunks=1, sample_rate=None, headers=()):
+    """Run one request through the ASGI tracing middleware: (the spans it started, the spans it exported, the ids the
+    app saw: BentoML's request id, trace id, sampled). sample_rate: BentoML's sampler at that rate, else the SDK's
+    default (sample everything)."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(**({} if sample_rate is None else {"sampler": ParentBasedTraceIdRatio(sample_rate)}))
+    started = []
+    provider.add_span_processor(type("Started", (SpanProcessor,), {"on_start": lambda _, span, **kw: started.append(span.name)})())
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen = []
 
     async def app(scope, receive, send):
         while (await receive()).get("more_body"):
             pass
+        seen.append((trace_context.request_id, trace_context.trace_id, trace_context.sampled))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
+
+    def request_hook(span, scope):   # as BentoML's
+        trace_context.request_id = span.context.span_id
 
     messages = iter([{"type": "http.request", "body": b"x", "more_body": i < body_chunks - 1}
                      for i in range(body_chunks)])
@@ -87,15 +99,34 @@ def traced_spans(middleware_class, body_chunks):
 
     async def send(message):
         pass
-    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], "http_version": "1.1",
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": list(headers), "http_version": "1.1",
              "scheme": "http", "server": ("127.0.0.1", 3000), "query_string": b"", "root_path": ""}
-    asyncio.run(middleware_class(app, tracer_provider=provider)(scope, receive, send))
-    return [span.name for span in exporter.get_finished_spans()]
+    middleware = middleware_class(app, tracer_provider=provider, server_request_hook=request_hook)
+    asyncio.run(middleware(scope, receive, send))
+    return started, [span.name for span in exporter.get_finished_spans()], seen[0]
 
 
 def test_a_request_gets_one_span_not_one_per_message():
-    assert len(traced_spans(OTEL_MIDDLEWARE, 48)) == 51   # OpenTelemetry's own: 48 receive, 2 send, 1 server span
-    assert traced_spans(bentoml_fixes.one_span_per_request(OTEL_MIDDLEWARE), 48) == ["POST /classify"]
+    assert len(one_traced_request(OTEL_MIDDLEWARE, 48)[1]) == 51   # OpenTelemetry's own: 48 receive, 2 send, 1 server
+    assert one_traced_request(bentoml_fixes.one_span_per_request(OTEL_MIDDLEWARE), 48)[1] == ["POST /classify"]
+
+
+def test_while_tracing_samples_nothing_a_request_gets_its_ids_and_no_span():
+    ours = bentoml_fixes.one_span_per_request(OTEL_MIDDLEWARE)
+    started, exported, (request_id, trace_id, sampled) = one_traced_request(OTEL_MIDDLEWARE, sample_rate=0)
+    assert "POST /classify" in started and exported == [] and request_id and trace_id and sampled == 0   # as it was
+    first = one_traced_request(ours, sample_rate=0)
+    second = one_traced_request(ours, sample_rate=0)
+    assert first[:2] == second[:2] == ([], [])
+    (request_id, trace_id, sampled), other = first[2], second[2]
+    assert 0 < request_id < 2**64 and 0 < trace_id < 2**128 and sampled == 0
+    assert request_id != other[0] and trace_id != other[1]
+    # Any sampling at all, or a caller's trace context, and the request is traced as before.
+    assert one_traced_request(ours, sample_rate=0.01)[0] == ["POST /classify"]
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    started, exported, (_, trace_id, sampled) = one_traced_request(
+        ours, sample_rate=0, headers=[(b"traceparent", f"00-{caller}-b7ad6b7169203331-01".encode())])
+    assert started == exported == ["POST /classify"] and (format(trace_id, "032x"), sampled) == (caller, 1)
 
 
 class RequestState:

@@ -2,6 +2,7 @@
 import concurrent.futures
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,21 @@ def test_classify_png_matches_the_model(server, direct):
         assert [t["class_id"] for t in p["top5"]] == top5 and p["class_id"] == top5[0]
         assert p["class_name"] == f"class_{top5[0]:02d}"
         assert abs(p["probability"] - expected[top5[0]]) < 1e-5 and "note" not in p
+
+
+def test_each_request_has_its_own_ids_in_its_header_and_the_access_log(server, start_server):
+    # Tracing is off (BentoML's default sample rate 0): the ids still come, cheaply (bentoml-workarounds.md #6). The
+    # header is BentoML's, on its API's answers (multipart bodies).
+    png = image_bytes(Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG")
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    ids = [requests.post(f"{server}/classify", files={"images": ("a.png", png)}, headers=extra, timeout=60)
+           .headers["X-BentoML-Request-ID"] for extra in ({}, {}, {"traceparent": f"00-{caller}-b7ad6b7169203331-01"})]
+    assert len(set(ids)) == 3 and all(len(i) == 16 for i in ids)
+    time.sleep(0.5)   # the access log line is written as the response ends
+    lines = {i: [line for line in start_server.log(server).splitlines() if f"span={i}," in line] for i in ids}
+    traces = [re.search(r"path=/classify,.*status=200.*trace=(\w{32}),.*sampled=(\d)", lines[i][0]).groups() for i in ids]
+    assert traces[0][0] != traces[1][0] and traces[0][1] == traces[1][1] == "0"
+    assert traces[2] == (caller, "1")   # the caller's trace, sampled as the caller asked
 
 
 @pytest.mark.parametrize("which", ["server", "one_process_server"])
