@@ -189,7 +189,8 @@ def one_span_per_request(base):
             super().__init__(app, **options)
             sampler = getattr(options.get("tracer_provider"), "sampler", None)
             # trace id 0 is the one a ratio sampler takes first: if even it is not sampled, no root span is
-            self.may_sample = sampler is None or sampler.should_sample(context.Context(), 0, "probe").decision.is_sampled()
+            self.may_sample = sampler is None or \
+                sampler.should_sample(context.Context(), 0, "probe").decision.is_sampled()
             self.trace_headers = {name.encode() for name in propagate.get_global_textmap().fields}
 
         async def __call__(self, scope, receive, send):

@@ -70,14 +70,23 @@ def test_on_the_tested_version_everything_is_applied_once(monkeypatch):
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
 
 
+class StartedSpans(SpanProcessor):
+    """The names of the spans started, recorded or not (an exporter sees only the sampled ones)."""
+    def __init__(self):
+        self.names = []
+
+    def on_start(self, span, parent_context=None):
+        self.names.append(span.name)
+
+
 def one_traced_request(middleware_class, body_chunks=1, sample_rate=None, headers=()):
     """Run one request through the ASGI tracing middleware: (the spans it started, the spans it exported, the ids the
     app saw: BentoML's request id, trace id, sampled). sample_rate: BentoML's sampler at that rate, else the SDK's
     default (sample everything)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider(**({} if sample_rate is None else {"sampler": ParentBasedTraceIdRatio(sample_rate)}))
-    started = []
-    provider.add_span_processor(type("Started", (SpanProcessor,), {"on_start": lambda _, span, **kw: started.append(span.name)})())
+    started = StartedSpans()
+    provider.add_span_processor(started)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     seen = []
 
@@ -103,7 +112,7 @@ def one_traced_request(middleware_class, body_chunks=1, sample_rate=None, header
              "scheme": "http", "server": ("127.0.0.1", 3000), "query_string": b"", "root_path": ""}
     middleware = middleware_class(app, tracer_provider=provider, server_request_hook=request_hook)
     asyncio.run(middleware(scope, receive, send))
-    return started, [span.name for span in exporter.get_finished_spans()], seen[0]
+    return started.names, [span.name for span in exporter.get_finished_spans()], seen[0]
 
 
 def test_a_request_gets_one_span_not_one_per_message():

@@ -176,9 +176,11 @@ def test_each_request_has_its_own_ids_in_its_header_and_the_access_log(server, s
     ids = [requests.post(f"{server}/classify", files={"images": ("a.png", png)}, headers=extra, timeout=60)
            .headers["X-BentoML-Request-ID"] for extra in ({}, {}, {"traceparent": f"00-{caller}-b7ad6b7169203331-01"})]
     assert len(set(ids)) == 3 and all(len(i) == 16 for i in ids)
-    time.sleep(0.5)   # the access log line is written as the response ends
-    lines = {i: [line for line in start_server.log(server).splitlines() if f"span={i}," in line] for i in ids}
-    traces = [re.search(r"path=/classify,.*status=200.*trace=(\w{32}),.*sampled=(\d)", lines[i][0]).groups() for i in ids]
+    deadline = time.monotonic() + 10   # the access log line is written as the response ends
+    while not all(f"span={i}," in start_server.log(server) for i in ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = {i: next(line for line in start_server.log(server).splitlines() if f"span={i}," in line) for i in ids}
+    traces = [re.search(r"path=/classify,.*status=200.*trace=(\w{32}),.*sampled=(\d)", lines[i]).groups() for i in ids]
     assert traces[0][0] != traces[1][0] and traces[0][1] == traces[1][1] == "0"
     assert traces[2] == (caller, "1")   # the caller's trace, sampled as the caller asked
 
