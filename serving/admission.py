@@ -26,9 +26,9 @@ class Overloaded(Exception):
 class ByteBudget:
     """Request bytes accepted and not yet answered, against a limit. Used from one event loop: no locks."""
 
-    def __init__(self, limit, reserve):
-        self.limit, self.reserve, self.in_flight = limit, reserve, 0
-        self.answered = collections.deque()   # (time, bytes) of the requests answered lately
+    def __init__(self, limit, reserve, clock=time.monotonic):
+        self.limit, self.reserve, self.in_flight, self.clock = limit, reserve, 0, clock
+        self.answered = collections.deque()   # (time, bytes) of the requests answered in the last DRAIN_WINDOW_S
 
     def admit(self, nbytes):
         """Take nbytes of the budget, or raise Overloaded."""
@@ -41,13 +41,19 @@ class ByteBudget:
 
     def release(self, nbytes):
         self.in_flight -= nbytes
-        self.answered.append((time.monotonic(), nbytes))
+        self.answered.append((self.clock(), nbytes))
+        self.forget_old()   # or every request ever answered would stay in the deque
+
+    def forget_old(self):
+        """Drop the answers older than the window; return the time now."""
+        now = self.clock()
+        while self.answered and self.answered[0][0] < now - DRAIN_WINDOW_S:
+            self.answered.popleft()
+        return now
 
     def seconds_to_free(self, nbytes):
         """How long until nbytes more have been answered, at the rate of the last DRAIN_WINDOW_S (1 s when unknown)."""
-        now = time.monotonic()
-        while self.answered and self.answered[0][0] < now - DRAIN_WINDOW_S:
-            self.answered.popleft()
+        now = self.forget_old()
         drained = sum(n for _, n in self.answered)
         if not drained:
             return 1.0

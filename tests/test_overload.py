@@ -101,6 +101,17 @@ def test_the_budget_keeps_room_for_small_requests_and_says_when_to_come_back():
     assert e.value.retry_after == 2
 
 
+def test_the_budget_keeps_only_its_window_of_answers():
+    now = 0.0
+    budget = ByteBudget(limit=100 * SMALL_BYTES, reserve=10 * SMALL_BYTES, clock=lambda: now)
+    for _ in range(100_000):   # 100 s of 1,000 requests/s, 1 kB each, never overloaded
+        budget.admit(1000)
+        budget.release(1000)
+        now += 0.001
+    assert len(budget.answered) <= 10_001   # the last 10 s, not one entry per request ever answered
+    assert 9.9 < budget.seconds_to_free(10_000_000) < 10.1   # at the 1 MB/s answered lately
+
+
 def run_batcher(coroutine):
     return asyncio.run(coroutine)
 
