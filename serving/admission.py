@@ -41,8 +41,7 @@ class ByteBudget:
 
     def release(self, nbytes):
         self.in_flight -= nbytes
-        self.answered.append((self.clock(), nbytes))
-        self.forget_old()   # or every request ever answered would stay in the deque
+        self.answered.append((self.forget_old(), nbytes))   # or every request ever answered would stay in the deque
 
     def forget_old(self):
         """Drop the answers older than the window; return the time now."""
