@@ -1,5 +1,6 @@
 """The installed package: the wheel's contents, the `cifar100` command from a virtual environment that is not the
 checkout (also `cifar100 serve` and its web page), and the notebook examples of docs/ run as written."""
+import importlib.metadata as md
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from packaging.requirements import Requirement
 
 import cifar100
 from serving.local_server import free_port, stop_process_group
@@ -63,13 +65,16 @@ class Installed:
     def __init__(self, root):
         source = root / "source"
         setuptools = PYPROJECT["tool"]["setuptools"]
-        for package in setuptools["packages"]:
+        for package in (p for p in setuptools["packages"] if "." not in p):   # sub-packages come with theirs
             shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
         for name in ["pyproject.toml", PYPROJECT["project"]["readme"], *PYPROJECT["project"]["license-files"],
                      *(f"{m}.py" for m in setuptools["py-modules"])]:
             shutil.copy(ROOT / name, source / name)
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "dist",
-             source], cwd=root)
+        # Offline with this environment's setuptools where it is recent enough (torch requires >= 77), else pip
+        # fetches what pyproject's build-system requires into an isolated build environment.
+        offline = all(satisfied(r) for r in PYPROJECT["build-system"]["requires"])
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *(["--no-build-isolation"] if offline else []),
+             "-w", root / "dist", source], cwd=root)
         self.wheel, = (root / "dist").glob("*.whl")
         venv = root / "venv"
         run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
@@ -80,6 +85,14 @@ class Installed:
         # --ignore-installed: this environment's editable install of the project is visible too; leave it alone.
         run([self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", self.wheel],
             cwd=root)
+
+
+def satisfied(requirement):
+    requirement = Requirement(requirement)
+    try:
+        return requirement.specifier.contains(md.version(requirement.name))
+    except md.PackageNotFoundError:
+        return False
 
 
 def run(command, cwd, timeout=120):
@@ -99,7 +112,7 @@ def test_the_wheel_holds_the_code_the_page_and_the_licence(installed):
     dist_info = f"cifar100_serve-{cifar100.__version__}.dist-info"
     assert {f"serving/ui/{name}" for name in PAGE_FILES} <= names, "the web page is not in the wheel"
     for package in PYPROJECT["tool"]["setuptools"]["packages"]:
-        code = {p.relative_to(ROOT).as_posix() for p in (ROOT / package).glob("*.py")}
+        code = {p.relative_to(ROOT).as_posix() for p in (ROOT / package.replace(".", "/")).glob("*.py")}
         assert code <= names, f"missing from the wheel: {sorted(code - names)}"
     assert "cifar100.py" in names and f"{dist_info}/licenses/LICENSE" in names
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
