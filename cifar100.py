@@ -50,6 +50,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():   # a notebook's completion lists the functions imported on first use too
+    return sorted([*globals(), *FUNCTIONS])
+
+
 def parser():
     p = argparse.ArgumentParser(prog="cifar100", description="Train CIFAR-100 classifiers, export them to ONNX and "
                                 "TensorRT, serve them with BentoML, score the Kaggle test set.",
