@@ -131,8 +131,8 @@ def run_locust(a, users, out):
     return summary
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.splitlines()[0],
+def main(argv=None, prog="python -m loadtest"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
     p.add_argument("--host", default="http://127.0.0.1:3000", help="the service (loopback only; default %(default)s)")
     p.add_argument("--users", type=int, default=None,

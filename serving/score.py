@@ -5,15 +5,22 @@ accuracy per corruption and severity.
     python -m serving.score --direct model.onnx --ood-dir DIR --out direct.csv   # no service, same CSV
     python -m serving.score --direct best.pt --ood-dir data --download --out c.csv --report reports --clean data
     python -m serving.score --cifar-test data --out cifar_test.csv              # prints the accuracy
+    python -m serving.score --ood-dir DIR --out submission.csv --sample-submission sample_submission.csv
+
+    from serving.score import score                  # the same from Python; options as keyword arguments
+    figures = score("http://127.0.0.1:3000", "data/ood", "submission.csv")
 
 DIR holds distortion00.npy … distortion18.npy (the Kaggle files) or CIFAR-100-C's <corruption>.npy files and
 labels.npy; each file is uint8 N×32×32×3, 5 severities of N/5 images. Files are memory-mapped, sent in uint8
 chunks to /classify_batch (each chunk's .npy bytes as the request body) with several requests in flight, and
 every finished chunk is saved under OUT.parts/, so a killed run started again sends only what is missing. OUT
-appears (atomically) only when every row is there; then OUT.parts/ is removed.
+appears (atomically) only when every row is there; then OUT.parts/ is removed. With the competition's sample
+submission, its ids and their order are checked before anything is sent.
 """
 import argparse
 import concurrent.futures as cf
+import csv
+import itertools
 import json
 import shutil
 import sys
@@ -37,6 +44,7 @@ from training.download import DownloadError, download_and_extract
 from training.files import atomic_path, write_json
 
 N_FILES, N_SEVERITIES = 19, 5       # the Kaggle layout: 19 corruptions, 5 severities each
+HEADER = ("id", "label")             # the submission's columns
 # The service is (re)starting, overloaded, or lost its model process for a moment: worth another try
 # (a chunk is idempotent, so sending it twice is harmless; every retry is reported).
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -46,6 +54,10 @@ IN_FLIGHT_PER_WORKER = 4              # requests at once per model worker: one c
 
 class ScoreError(Exception):
     pass
+
+
+class OptionError(ScoreError):
+    """An option out of range, or options that do not go together (the command line's usage error)."""
 
 
 class Cancelled(Exception):
@@ -190,18 +202,23 @@ def _error_text(response):
         return response.text.strip()[:300] or response.reason
 
 
+def service_url(url):
+    """URL without its trailing / when it looks like http(s)://HOST:PORT, else a ScoreError."""
+    parsed = urlparse(str(url))
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ScoreError(f"--url must look like http://HOST:PORT, got {url!r}")
+    return str(url).rstrip("/")
+
+
 class ServiceScorer:
     """Labels for uint8 chunks from POST /classify_batch; retries while the service is unreachable."""
 
     def __init__(self, url, retries=8, backoff=0.5, timeout=300.0, rate=None, patience=600.0):
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ScoreError(f"--url must look like http://HOST:PORT, got {url!r}")
         try:   # the service's token, when it wants one: CIFAR100_API_TOKEN(_FILE), as the service reads it
             self.headers = bearer_headers()
         except AccessError as e:
             raise ScoreError(str(e)) from None
-        self.url, self.retries, self.backoff, self.timeout = url.rstrip("/"), retries, backoff, timeout
+        self.url, self.retries, self.backoff, self.timeout = service_url(url), retries, backoff, timeout
         self.patience, self.waited = patience, 0.0   # seconds the service asked us to wait (Retry-After), in all
         self.interval = 1.0 / rate if rate else 0.0
         self.stop = threading.Event()
@@ -348,7 +365,7 @@ def figures(images, seconds, complete, **extra):
             "img_per_s": images / seconds if seconds > 0 else 0.0, **extra}
 
 
-def score(sources, chunks, scorer, progress, in_flight=4):
+def score_chunks(sources, chunks, scorer, progress, in_flight=4):
     """Score every chunk not yet on disk, with up to `in_flight` at once; returns (labels, new images)."""
     sizes = [stop - start for _, start, stop in chunks]
     labels = [progress.load(i, n) for i, n in enumerate(sizes)]
@@ -387,12 +404,44 @@ def score(sources, chunks, scorer, progress, in_flight=4):
     return labels, sum(sizes[i] for i in todo)
 
 
+def submission_ids(sources):
+    for source in sources:
+        yield from source.ids(0, len(source.images))
+
+
+def check_sample_submission(path, sources):
+    """The competition's sample submission has this submission's header, ids and order; else a ScoreError naming
+    the first difference. Only its ids are read (its labels are placeholders)."""
+    total = sum(len(s.images) for s in sources)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark is no id
+            reader = csv.reader(f)
+            rows = (row for row in reader if row)
+            header = next(rows, [])
+            if tuple(h.strip() for h in header) != HEADER:
+                raise ScoreError(f"{path} line 1: the header is {','.join(header)!r}, the submission's is "
+                                 f"{','.join(HEADER)!r}")
+            for n, (theirs, ours) in enumerate(itertools.zip_longest(rows, submission_ids(sources))):
+                if theirs is None:
+                    raise ScoreError(f"{path} ends after {n} ids; this submission has {total}, the next being {ours!r}")
+                if ours is None:
+                    raise ScoreError(f"{path} line {reader.line_num}: id {theirs[0]!r}, after this submission's "
+                                     f"last row (it has {total})")
+                if theirs[0].strip() != ours:
+                    raise ScoreError(f"{path} line {reader.line_num}: id {theirs[0]!r}, where this submission has "
+                                     f"{ours!r}")
+    except OSError as e:
+        raise ScoreError(f"--sample-submission {path}: {e.strerror or e}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ScoreError(f"--sample-submission {path} is not a readable CSV file: {e}") from None
+
+
 def write_csv(out, sources, chunks, labels):
     """id,label rows in submission order; the file appears only complete, with its rows counted."""
     total = sum(stop - start for _, start, stop in chunks)
     with atomic_path(out) as tmp:
         with open(tmp, "w", newline="") as f:
-            f.write("id,label\n")
+            f.write(",".join(HEADER) + "\n")
             for (s, start, stop), chunk_labels in zip(chunks, labels):
                 f.write("".join(f"{i},{int(y)}\n" for i, y in zip(sources[s].ids(start, stop), chunk_labels)))
         with open(tmp, "rb") as f:
@@ -402,15 +451,114 @@ def write_csv(out, sources, chunks, labels):
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.splitlines()[0],
+def predict(sources, chunk_size, scorer, model, parts, in_flight):
+    """Every row of SOURCES scored, resuming from the PARTS folder (kept for a model described as MODEL): (labels
+    per source, the chunks, labels per chunk, images scored now, seconds, the Progress)."""
+    chunks = plan_chunks(sources, chunk_size)
+    inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
+              for s in sources]
+    progress = Progress(parts, {"inputs": inputs, "chunk_size": chunk_size, "model": model})
+    start = time.perf_counter()
+    labels, new_images = score_chunks(sources, chunks, scorer, progress, in_flight)
+    per_source = [np.concatenate([labels[i] for i, (s, _, _) in enumerate(chunks) if s == k])
+                  for k in range(len(sources))]
+    return per_source, chunks, labels, new_images, time.perf_counter() - start, progress
+
+
+def score(url_or_model, ood_dir=None, out="submission.csv", *, cifar_test=None, labels=None, report=None,
+          clean=None, download=False, sample_submission=None, backend="auto", tta=None, chunk_size=2048,
+          in_flight=None, retries=8, backoff=0.5, timeout=300.0, patience=600.0, rate=None, json_file=None):
+    """Score the images of OOD_DIR (the Kaggle files or CIFAR-100-C), or with cifar_test=DATA_DIR the CIFAR-100 test
+    split, write the submission CSV OUT and return the run's figures (images, seconds, img_per_s, rows; with labels
+    the accuracy; with report=DIR the means of DIR/report.json).
+
+    URL_OR_MODEL is the service (http://HOST:PORT) or, scored in this process, a model folder, a BentoML store tag,
+    an .onnx file or a training checkpoint (.pt). The other keywords are the command's options
+    (`python -m serving.score --help`). A bad option raises OptionError, any other problem ScoreError (or
+    DownloadError); every input is checked before the first request, and nothing half-written is left.
+    """
+    for name, value, least in (("--chunk-size", chunk_size, 1), ("--in-flight", in_flight, 1),
+                               ("--retries", retries, 0)):
+        if value is not None and value < least:
+            raise OptionError(f"{name} must be at least {least}")
+    if backoff < 0 or patience < 0 or timeout <= 0 or (rate is not None and rate <= 0):
+        raise OptionError("--backoff and --patience must be >= 0, --timeout and --rate > 0")
+    if (ood_dir is None) == (cifar_test is None):
+        raise OptionError("give either the Kaggle folder (--ood-dir) or --cifar-test")
+    if (report or clean or download) and not ood_dir:
+        raise OptionError("--report, --clean and --download go with --ood-dir")
+    if clean and not report:
+        raise OptionError("--clean goes with --report")
+    if Path(out).is_dir():
+        raise ScoreError(f"--out {out} is a folder; give the CSV file to write")
+    if ood_dir and download:
+        download_and_extract(cifar100c.URL, ood_dir, cifar100c.MD5, cifar100c.FOLDER)
+    if ood_dir:
+        sources, layout, shared_labels = open_ood_dir(ood_dir)
+        true_labels = read_labels(labels or shared_labels, sources) if labels or shared_labels else None
+    else:
+        (sources, true_labels), layout = open_cifar_test(cifar_test), "cifar100"
+        if labels:
+            true_labels = read_labels(labels, sources)
+    if report and true_labels is None:
+        raise ScoreError("--report needs the true labels: --labels FILE (CIFAR-100-C's labels.npy is found by itself)")
+    if sample_submission:
+        check_sample_submission(sample_submission, sources)
+    clean_split = open_cifar_test(clean) if clean else None
+    total = sum(len(s.images) for s in sources)
+    direct = "://" not in str(url_or_model)
+    scorer = DirectScorer(url_or_model, backend, tta=tta) if direct else \
+        ServiceScorer(url_or_model, retries, backoff, timeout, rate, patience)
+    model = scorer.describe()
+    in_flight = 1 if direct else in_flight or IN_FLIGHT_PER_WORKER * scorer.model_workers
+
+    per_source, chunks, chunk_labels, new_images, seconds, progress = predict(sources, chunk_size, scorer, model,
+                                                                              f"{out}.parts", in_flight)
+    rows = write_csv(out, sources, chunks, chunk_labels)
+    progress.remove()
+    result = figures(new_images, seconds, True, requests=scorer.requests, resumed=total - new_images, rows=rows,
+                     out=str(out), model=model, layout=layout)
+    resumed = f"; {result['resumed']} resumed from {out}.parts" if result["resumed"] else ""
+    print(f"scored {new_images} images in {scorer.requests} requests, {seconds:.1f} s "
+          f"({result['img_per_s']:.0f} img/s){resumed}")
+    print(f"wrote {out} ({rows} rows)")
+    if true_labels is not None:
+        result["accuracy"] = float((np.concatenate(per_source) == true_labels).mean())
+        print(f"accuracy {result['accuracy']:.4f} on {total} images")
+    if report:
+        clean_accuracy = None
+        if clean_split:
+            guesses, *_, clean_progress = predict(clean_split[0], chunk_size, scorer, model, f"{out}.clean.parts",
+                                                  in_flight)
+            clean_progress.remove()
+            clean_accuracy = float((guesses[0] == clean_split[1]).mean())
+        accuracy = accuracy_report(sources, per_source, true_labels, clean_accuracy, model)
+        print(table_text(accuracy))
+        write_report(Path(report), accuracy)
+        result["report"] = {k: accuracy[k] for k in ("mean", "mean_15", "clean")}
+        print(f"wrote {report}/report.json and heatmap.png")
+    if json_file:
+        write_json(json_file, result)
+    return result
+
+
+def service_url_option(text):
+    try:
+        return service_url(text)
+    except ScoreError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--url ")) from None
+
+
+def main(argv=None, prog="python -m serving.score"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ood-dir", help="the Kaggle files (distortion00.npy …) or CIFAR-100-C (<corruption>.npy …, "
                                         "labels.npy), or the folder holding CIFAR-100-C/")
     what.add_argument("--cifar-test", metavar="DIR", help="score the CIFAR-100 test split in DIR instead")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--url", default="http://127.0.0.1:3000", help="the running service (default %(default)s)")
+    how.add_argument("--url", default="http://127.0.0.1:3000", type=service_url_option,
+                     help="the running service (default %(default)s)")
     how.add_argument("--direct", metavar="ARTIFACT", help="score without the service: a model folder (store entry), "
                                                           "a store tag, an .onnx file or a training checkpoint (.pt)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
@@ -419,6 +567,9 @@ def main(argv=None):
                    help="--direct with a checkpoint or the torch backend: test-time augmentation (default: the "
                         "model's own, none for a checkpoint)")
     p.add_argument("--out", required=True, help="the CSV to write")
+    p.add_argument("--sample-submission", metavar="FILE",
+                   help="the competition's sample submission (id,label): its ids and their order must be this "
+                        "submission's, checked before anything is sent or written")
     p.add_argument("--labels", help=".npy of true labels, one per row in submission order or one per row of each "
                                     "file (CIFAR-100-C's labels.npy is found by itself): report the accuracy")
     p.add_argument("--report", metavar="DIR", help="with labels: write DIR/report.json (accuracy per corruption and "
@@ -439,92 +590,21 @@ def main(argv=None):
                    help="seconds in all to wait when a busy service asks to (Retry-After) before giving up "
                         "(default %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="at most this many requests per second (default: no limit)")
-    p.add_argument("--json", help="also write the run's figures (images, seconds, img/s, accuracy, ...) to this file")
-    a = p.parse_args(argv)
-    for name, value in (("--chunk-size", a.chunk_size), ("--in-flight", a.in_flight)):
-        if value is not None and value < 1:
-            p.error(f"{name} must be at least 1")
-    if a.retries < 0:
-        p.error("--retries must be at least 0")
-    if a.backoff < 0 or a.patience < 0 or a.timeout <= 0 or (a.rate is not None and a.rate <= 0):
-        p.error("--backoff and --patience must be >= 0, --timeout and --rate > 0")
-    if (a.report or a.clean or a.download) and not a.ood_dir:
-        p.error("--report, --clean and --download go with --ood-dir")
-    if a.clean and not a.report:
-        p.error("--clean goes with --report")
+    p.add_argument("--json", dest="json_file",
+                   help="also write the run's figures (images, seconds, img/s, accuracy, ...) to this file")
+    options = vars(p.parse_args(argv))
+    url, direct = options.pop("url"), options.pop("direct")
     try:
-        run(a)
+        score(direct or url, **options)
+    except OptionError as e:
+        p.error(str(e))
     except (ScoreError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"interrupted; finished chunks are kept in {a.out}.parts/ (run the same command to resume)",
+        print(f"interrupted; finished chunks are kept in {options['out']}.parts/ (run the same command to resume)",
               file=sys.stderr)
         sys.exit(130)
-
-
-def predict(sources, chunk_size, scorer, model, parts, in_flight):
-    """Every row of SOURCES scored, resuming from the PARTS folder (kept for a model described as MODEL): (labels
-    per source, the chunks, labels per chunk, images scored now, seconds, the Progress)."""
-    chunks = plan_chunks(sources, chunk_size)
-    inputs = [[s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns] if s.path else [s.name, len(s.images)]
-              for s in sources]
-    progress = Progress(parts, {"inputs": inputs, "chunk_size": chunk_size, "model": model})
-    start = time.perf_counter()
-    labels, new_images = score(sources, chunks, scorer, progress, in_flight)
-    per_source = [np.concatenate([labels[i] for i, (s, _, _) in enumerate(chunks) if s == k])
-                  for k in range(len(sources))]
-    return per_source, chunks, labels, new_images, time.perf_counter() - start, progress
-
-
-def run(a):
-    # Every input is checked before the first request.
-    if Path(a.out).is_dir():
-        raise ScoreError(f"--out {a.out} is a folder; give the CSV file to write")
-    if a.ood_dir and a.download:
-        download_and_extract(cifar100c.URL, a.ood_dir, cifar100c.MD5, cifar100c.FOLDER)
-    if a.ood_dir:
-        sources, layout, shared_labels = open_ood_dir(a.ood_dir)
-        true_labels = read_labels(a.labels or shared_labels, sources) if a.labels or shared_labels else None
-    else:
-        (sources, true_labels), layout = open_cifar_test(a.cifar_test), "cifar100"
-        if a.labels:
-            true_labels = read_labels(a.labels, sources)
-    if a.report and true_labels is None:
-        raise ScoreError("--report needs the true labels: --labels FILE (CIFAR-100-C's labels.npy is found by itself)")
-    clean = open_cifar_test(a.clean) if a.clean else None
-    total = sum(len(s.images) for s in sources)
-    scorer = DirectScorer(a.direct, a.backend, tta=a.tta) if a.direct else \
-        ServiceScorer(a.url, a.retries, a.backoff, a.timeout, a.rate, a.patience)
-    model = scorer.describe()
-    in_flight = 1 if a.direct else a.in_flight or IN_FLIGHT_PER_WORKER * scorer.model_workers
-
-    per_source, chunks, labels, new_images, seconds, progress = predict(sources, a.chunk_size, scorer, model,
-                                                                        f"{a.out}.parts", in_flight)
-    rows = write_csv(a.out, sources, chunks, labels)
-    progress.remove()
-    result = figures(new_images, seconds, True, requests=scorer.requests, resumed=total - new_images, rows=rows,
-                     out=str(a.out), model=model, layout=layout)
-    print(f"scored {new_images} images in {scorer.requests} requests, {seconds:.1f} s "
-          f"({result['img_per_s']:.0f} img/s)" + (f"; {result['resumed']} resumed from {a.out}.parts" if result["resumed"] else ""))
-    print(f"wrote {a.out} ({rows} rows)")
-    if true_labels is not None:
-        result["accuracy"] = float((np.concatenate(per_source) == true_labels).mean())
-        print(f"accuracy {result['accuracy']:.4f} on {total} images")
-    if a.report:
-        clean_accuracy = None
-        if clean:
-            guesses, *_, clean_progress = predict(clean[0], a.chunk_size, scorer, model, f"{a.out}.clean.parts",
-                                                  in_flight)
-            clean_progress.remove()
-            clean_accuracy = float((guesses[0] == clean[1]).mean())
-        report = accuracy_report(sources, per_source, true_labels, clean_accuracy, model)
-        print(table_text(report))
-        write_report(Path(a.report), report)
-        result["report"] = {k: report[k] for k in ("mean", "mean_15", "clean")}
-        print(f"wrote {a.report}/report.json and heatmap.png")
-    if a.json:
-        write_json(a.json, result)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """The main job: a model in the BentoML store (training and exporting Part 1 if there is none), then the service.
 
     python -m serving.up [--synthetic] [--host 127.0.0.1] [--port 3000] [--backend auto|torch|onnx|tensorrt]
+    cifar100 serve ...     (the same, once the package is installed)
 
 1. If the store (BENTOML_HOME, default ~/bentoml) has no `cifar100-classifier`: train Part 1 on CIFAR-100 in
    ./data (downloaded when reachable; --synthetic or CIFAR100_SYNTHETIC=1 generates a small offline set with
    training.synthetic instead), then `python -m export all` (ONNX, FP16 ONNX, TensorRT when possible, store).
-2. exec `bentoml serve serving.service:Classifier` from the repo root.
+   Relative folders (data, runs, artifacts) are under the current directory.
+2. exec `python -m bentoml serve serving.service:Classifier`: the service is imported by its module name, from
+   the checkout or from the installed package alike, with this Python.
 """
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +19,9 @@ from pathlib import Path
 from serving.access import AccessError, api_token
 from training.contract import IMAGE_SHAPE, MODEL_NAME
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m serving.up", description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog="python -m serving.up"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--synthetic", action="store_true", default=os.environ.get("CIFAR100_SYNTHETIC") == "1",
                    help="offline smoke run: train on a small generated dataset (env CIFAR100_SYNTHETIC=1)")
     p.add_argument("--host", default="127.0.0.1",
@@ -49,7 +49,7 @@ def stored_model(tag):
 
 def run(cmd):
     print("+", " ".join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         sys.exit(f"error: `{' '.join(cmd[1:])}` failed (see above)")
 
 
@@ -97,13 +97,12 @@ def ensure_model(args):
     return stored_model(f"{MODEL_NAME}:latest")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog="python -m serving.up"):
+    args = parse_args(argv, prog)
     try:
         token = api_token()   # a bad token setting stops us before any training
     except AccessError as e:
         sys.exit(f"error: {e}")
-    os.chdir(REPO)
     tag = ensure_model(args)
     env = dict(os.environ)
     if args.backend:
@@ -125,9 +124,8 @@ def main(argv=None):
           f"curl -s{auth} -F images=@x.npy {url}/classify_batch\n"
           f"  the API's documentation: {url}/\n"
           f"  the web page (drop images on it): {url}/ui\n", flush=True)
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    os.execvpe(bentoml, [bentoml, "serve", "serving.service:Classifier", "--host", args.host,
-                         "--port", str(args.port)], env)
+    os.execve(sys.executable, [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier",
+                               "--host", args.host, "--port", str(args.port)], env)
 
 
 if __name__ == "__main__":

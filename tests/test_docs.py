@@ -99,6 +99,10 @@ def test_every_command_names_what_exists(page, line, command):
         check_python(args, where)
     elif tool == "torchrun":
         check_python(args[args.index("-m"):], where)
+    elif tool == "cifar100":   # `cifar100 COMMAND ...` is `python -m MODULE ...`
+        from cifar100 import COMMANDS
+        assert args and args[0] in COMMANDS, f"{where}: cifar100 has no command {args[:1]}"
+        check_python(["-m", COMMANDS[args[0]][0].removesuffix(".__main__"), *args[1:]], where)
     elif tool == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)
         for target in (a for a in args if "=" not in a):

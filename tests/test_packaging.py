@@ -1,5 +1,5 @@
-"""Pins live in constraints.txt; the bentofile agrees with it, every package the code imports is declared, and the
-platform markers pick exactly one ONNX Runtime everywhere."""
+"""Pins live in constraints.txt; pyproject.toml declares ranges that hold them, the bentofile agrees with it, every
+package the code imports is declared, and the platform markers pick exactly one ONNX Runtime everywhere."""
 import ast
 import importlib.metadata as md
 import re
@@ -11,10 +11,12 @@ import pytest
 import yaml
 from packaging.markers import Marker
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DECLARED = [Requirement(r) for r in PYPROJECT["dependencies"]]
+DEV = [Requirement(r) for r in PYPROJECT["optional-dependencies"]["dev"]]
 
 
 def normalise(name):
@@ -36,8 +38,28 @@ def test_the_bentofile_pins_are_the_constraints():
 
 def test_every_declared_dependency_is_pinned():
     pinned = pins()
-    for requirement in DECLARED + [Requirement(r) for r in PYPROJECT["optional-dependencies"]["dev"]]:
+    for requirement in DECLARED + DEV:
         assert normalise(requirement.name) in pinned, f"{requirement.name} has no pin in constraints.txt"
+
+
+def test_dependencies_are_ranges_that_hold_the_pins():
+    """Installing the project into an environment keeps the versions it has where they fit; `pip install -c
+    constraints.txt` (make setup, CI) still installs exactly the pins, which must lie inside the ranges."""
+    pinned = pins()
+    for requirement in DECLARED + DEV:
+        assert not any(s.operator in ("==", "===") for s in requirement.specifier), \
+            f"{requirement}: an exact version belongs in constraints.txt, a range in pyproject.toml"
+        version = pinned[normalise(requirement.name)]
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement} excludes the pinned {version}"
+
+
+def test_python_versions_agree():
+    allowed = SpecifierSet(PYPROJECT["requires-python"])
+    classified = {c.rsplit(" ", 1)[1] for c in PYPROJECT["classifiers"]
+                  if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)}
+    assert classified == {f"3.{minor}" for minor in range(6, 20) if f"3.{minor}" in allowed} == {"3.11", "3.12", "3.13"}
+    assert yaml.safe_load((ROOT / "bentofile.yaml").read_text())["docker"]["python_version"] in classified
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in classified
 
 
 def imported_modules():

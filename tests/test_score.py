@@ -185,6 +185,57 @@ def test_chunks_and_ids_follow_submission_order(ood):
     assert isinstance(sources[0].images, np.memmap)      # memory-mapped, not read into RAM
 
 
+def write_sample(path, ids, header="id,label", newline="\n", bom=""):
+    """A sample submission in the competition's format: the header, then every id with a placeholder label."""
+    path.write_text(bom + newline.join([header, *(f"{i},0" for i in ids)]) + newline, newline="")
+    return path
+
+
+def test_a_sample_submission_in_the_competitions_format_passes(ood, tmp_path):
+    sources, _, _ = score.open_ood_dir(ood)
+    score.check_sample_submission(write_sample(tmp_path / "sample.csv", expected_ids()), sources)
+    # Saved by a spreadsheet on Windows: a byte-order mark and CRLF line ends are no difference.
+    score.check_sample_submission(write_sample(tmp_path / "win.csv", expected_ids(), newline="\r\n", bom="\ufeff"),
+                                  sources)
+
+
+SWAPPED = expected_ids()
+SWAPPED[1], SWAPPED[2] = SWAPPED[2], SWAPPED[1]
+SAMPLES = {   # what the sample holds -> the one line that names its first difference
+    "order": (SWAPPED, {}, "sample.csv line 3: id 'distortion00_2_0', where this submission has 'distortion00_1_1'"),
+    "shorter": (expected_ids()[:-1], {}, f"sample.csv ends after {TOTAL - 1} ids; this submission has {TOTAL}, "
+                                         "the next being 'distortion18_5_1'"),
+    "longer": (expected_ids() + ["distortion19_1_0"], {},
+               f"sample.csv line {TOTAL + 2}: id 'distortion19_1_0', after this submission's last row (it has {TOTAL})"),
+    "other_ids": ([f"test_{i}" for i in range(TOTAL)], {},
+                  "sample.csv line 2: id 'test_0', where this submission has 'distortion00_1_0'"),
+    "header": (expected_ids(), {"header": "Id,Category"},
+               "sample.csv line 1: the header is 'Id,Category', the submission's is 'id,label'"),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLES)
+def test_a_different_sample_submission_stops_the_run_before_anything_is_sent(case, tmp_path, ood, counting_server,
+                                                                             capsys):
+    ids, options, message = SAMPLES[case]
+    sample = write_sample(tmp_path / "sample.csv", ids, **options)
+    out = tmp_path / "sub.csv"
+    with pytest.raises(SystemExit) as exit_:
+        score.main(["--url", counting_server.url, "--ood-dir", str(ood), "--out", str(out),
+                    "--sample-submission", str(sample)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / message}"
+    assert counting_server.requests == 0
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_a_missing_sample_submission_is_one_line(tmp_path, ood):
+    done = run_cli("--ood-dir", str(ood), "--out", str(tmp_path / "x.csv"), "--sample-submission",
+                   str(tmp_path / "nowhere.csv"))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: --sample-submission {tmp_path / 'nowhere.csv'}: No such file or directory"
+
+
 # ---------------------------------------------------------------- against a real `bentoml serve`
 
 N_CHUNKS = TOTAL // 5               # with --chunk-size 5
@@ -221,6 +272,24 @@ def test_submission_has_the_exact_ids_order_and_rows(reference):
     assert all(0 <= y < 100 for y in labels)
     assert len(set(labels)) > 1                              # a real model answered, not a constant
     assert not Path(f"{reference}.parts").exists()           # progress removed once the CSV is complete
+
+
+def test_a_matching_sample_submission_lets_the_run_write(reference, ood, model_dir, tmp_path, capsys):
+    sample = write_sample(tmp_path / "sample.csv", expected_ids())
+    out, _ = score_in_process(capsys, "--direct", model_dir / "model.onnx", "--ood-dir", ood, "--out",
+                              tmp_path / "checked.csv", "--sample-submission", sample)
+    assert f"({TOTAL} rows)" in out
+    assert (tmp_path / "checked.csv").read_bytes() == reference.read_bytes()
+
+
+def test_the_function_a_notebook_calls_is_the_command(reference, ood, model_dir, tmp_path, capsys):
+    figures = score.score(str(model_dir / "model.onnx"), ood, tmp_path / "nb.csv", chunk_size=64)
+    assert (figures["rows"], figures["images"], figures["complete"]) == (TOTAL, TOTAL, True)
+    assert (tmp_path / "nb.csv").read_bytes() == reference.read_bytes()
+    with pytest.raises(score.OptionError, match="--chunk-size must be at least 1"):
+        score.score(str(model_dir), ood, tmp_path / "x.csv", chunk_size=0)
+    with pytest.raises(score.ScoreError, match="no OOD folder at"):
+        score.score("http://127.0.0.1:9", tmp_path / "nowhere", tmp_path / "x.csv")
 
 
 def test_service_and_direct_backend_agree_exactly(reference, ood, model_dir, tmp_path, capsys):

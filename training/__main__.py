@@ -12,7 +12,7 @@ from .train import train
 RUN_OPTIONS = ("data_dir", "out", "download", "device", "resume", "wandb", "workers", "pause_after")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, prog="python -m training"):
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--data-dir", required=True, help="folder holding cifar-100-python/ (or to download it into)")
     run.add_argument("--out", default="runs", help="writes OUT/PART/{best.pt,last.pt,metrics.json,curves.png}")
@@ -25,8 +25,8 @@ def parse_args(argv=None):
     run.add_argument("--pause-after", type=int, default=None, metavar="N",
                      help="stop after N epochs of this run; continue later with --resume")
 
-    p = argparse.ArgumentParser(prog="python -m training", description="Train a CIFAR-100 recipe.",
-                                epilog="`python -m training PART --help` lists every recipe option with that part's default.")
+    p = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-100 recipe.",
+                                epilog=f"`{prog} PART --help` lists every recipe option with that part's default.")
     parts = p.add_subparsers(dest="part", required=True, metavar="PART")
     for part, recipe_cls in RECIPES.items():
         cmd = parts.add_parser(part, parents=[run], help=recipe_cls.__doc__, description=recipe_cls.__doc__)
@@ -41,9 +41,9 @@ def parse_args(argv=None):
     return part, run, args
 
 
-def main(argv=None):
+def main(argv=None, prog="python -m training"):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    part, run, overrides = parse_args(argv)
+    part, run, overrides = parse_args(argv, prog)
     try:
         train(part, run["data_dir"], run["out"], overrides, device=run["device"], resume=run["resume"],
               wandb_mode=run["wandb"], workers=run["workers"], download=run["download"],
