@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.backends import GPU_CHUNK
 from serving.tensorrt import unavailable_reason
 from training.checkpoint import CheckpointError, load_checkpoint, load_classifier, save_random_checkpoint, sha256
 from training.contract import MODEL_NAME
@@ -27,8 +28,9 @@ def parse_args(argv=None):
 
     def batch_args(cmd):
         cmd.add_argument("--min-batch", type=int, default=1)
-        cmd.add_argument("--opt-batch", type=int, default=64, help="the batch size TensorRT tunes for")
-        cmd.add_argument("--max-batch", type=int, default=256)
+        cmd.add_argument("--opt-batch", type=int, default=GPU_CHUNK,
+                         help="the batch size TensorRT tunes for (default %(default)s: the service's chunk on a GPU)")
+        cmd.add_argument("--max-batch", type=int, default=GPU_CHUNK)
         cmd.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit")
 
     def tta_arg(cmd):
