@@ -101,7 +101,9 @@ def find_artifacts(args, scratch):
     return checkpoint, found
 
 
-NAMES = ("torch-eager", "torch-compile", "onnxruntime", "tensorrt", "served-torch", "served-onnx", "served-tensorrt")
+# onnxruntime: on the bench's device (CUDA on a GPU); onnxruntime-cpu: on the CPU also when a GPU is there.
+NAMES = ("torch-eager", "torch-compile", "onnxruntime", "onnxruntime-cpu", "tensorrt", "served-torch", "served-onnx",
+         "served-tensorrt")
 
 
 def ort_unavailable(device):
@@ -125,8 +127,9 @@ def backends(args, checkpoint, artifacts, device, skipped):
     if args.compile and "torch-compile" in want:
         run, precision = compiled_runner(load_model(checkpoint, args.tta), device)
         yield "torch-compile", device, precision, args.tta, run
-    if "onnxruntime" in want:
+    if "onnxruntime-cpu" in want or ("onnxruntime" in want and not gpu):
         yield "onnxruntime", "cpu", "fp32", args.tta, ort_runner(artifacts["onnx"], "cpu")
+    if "onnxruntime" in want:
         if gpu and (reason := ort_unavailable(device)):
             skipped["onnxruntime"] = reason
         elif gpu:
