@@ -319,8 +319,8 @@ def default_flow(a, s, stages, work, out, home):
               "--batch-size", a.train_batch, "--resolution", a.resolution]
     stages.run("train_part1", [py, "-m", "training", "part1", *common, "--out", train / "straight", "--epochs", 2,
                                "--batch-size-cap", 2**20 if cuda else 256], cap=90, reserve=timing_reserve)
-    compiles = []
-    if cuda:   # the served model, compiled once into the shared cache: plain and with flip, side by side
+    compiles, compiling = [], cuda and os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
+    if compiling:   # the served model, compiled once into the shared cache: plain and with flip, side by side
         model_dir = work / "compile_model"
         model_dir.mkdir()
         (model_dir / CHECKPOINT_FILE).symlink_to(ckpt)
@@ -330,7 +330,8 @@ def default_flow(a, s, stages, work, out, home):
                                          "--served-tta", tta, "--batch-sizes", "", "--json", work / f"{name}.json"],
                                   cap=240))
     else:
-        stages.record("compile", "skipped: no GPU (the CPU serves eager)", 0.0)
+        stages.record("compile", "skipped: " + ("CIFAR100_TORCH_COMPILE=0" if cuda else "no GPU (the CPU serves eager)"),
+                      0.0)
     tests = start("gpu_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS,
                                 "--junitxml", work / "logs" / "gpu_tests.xml"], cap=240)
     straight = start("train_robust", [py, "-m", "training", *robust, "--out", train / "straight"], cap=150)
@@ -358,8 +359,7 @@ def default_flow(a, s, stages, work, out, home):
     entry = store_entry(home)
     if entry is None:
         raise RuntimeError("export did not produce a model store entry; see the export log above")
-    # On a GPU, what the compile stages put in the cache (a cold compile would eat this stage's time).
-    served_tta = ",".join(r["tta"] for r in s["compile"] if not r["compile_error"]) or "none" if cuda else a.served_tta
+    served_tta = compiled_or_eager(s, stages) if compiling else a.served_tta
     only = "torch-eager,onnxruntime,tensorrt,served-torch,served-onnx,served-tensorrt" if cuda else \
         "torch-eager,served-torch,served-onnx"
     stages.run("bench", [py, "bench/backends.py", "--model-dir", entry, "--only", only, "--served-tta", served_tta,
@@ -367,13 +367,21 @@ def default_flow(a, s, stages, work, out, home):
                          "--json", out / "backends.json"], cap=120, reserve=0.3 * a.budget)
     s["raw"] = report.bench_rows(out / "backends.json")
     s["bench_skipped"] = (report.read_json(out / "backends.json") or {}).get("skipped", {})
-    if cuda and not any(r["tta"] == "none" and not r["compile_error"] for r in s["compile"]):
-        os.environ["CIFAR100_TORCH_COMPILE"] = "0"   # the service would spend its start compiling: serve eager
-        s["compile_skipped"] = "no compiled model from the compile stage: the services serve eager"
     ood.join()
     s["layouts"] = {}
     for processes in (2, 1):
         s["layouts"][str(processes)] = measure_layout(a, s, stages, work, home, processes)
+
+
+def compiled_or_eager(s, stages):
+    """The test-time augmentations the compile stages put in the cache (a cold compile would eat a later stage's
+    time). Without the plain model among them, the later stages serve eager (CIFAR100_TORCH_COMPILE=0)."""
+    done = [r["tta"] for r in s.get("compile") or [] if not r["compile_error"]]
+    if "none" not in done:
+        os.environ["CIFAR100_TORCH_COMPILE"] = "0"
+        s["compile_skipped"] = "no compiled model from the compile stage: the later stages serve eager"
+        stages.note(f"== {s['compile_skipped']}")
+    return ",".join(done) or "none"
 
 
 def measure_layout(a, s, stages, work, home, processes):
@@ -415,13 +423,15 @@ def full_flow(a, s, stages, work, out, home):
     trt = s["machine"]["tensorrt_unavailable"] is None
     export = stages.start("export", [py, "-m", "export", "all", "--checkpoint", ckpt, "--out", work / "artifacts"],
                           cap=240 + 180 * trt)
-    if cuda:   # compiled once, while the CPU exports: the bench, the service and the direct run load the cache
+    if cuda and os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1":
+        # compiled once, while the CPU exports: the bench, the service and the direct run load the cache
         model_dir = work / "compile_model"
         model_dir.mkdir()
         (model_dir / CHECKPOINT_FILE).symlink_to(ckpt)
         stages.run("compile", [py, "bench/backends.py", "--model-dir", model_dir, "--only", "served-torch",
                                "--batch-sizes", "", "--json", work / "compile.json"], cap=240, reserve=0.6 * a.budget)
         s["compile"] = report.compiled(work / "compile.json")
+        compiled_or_eager(s, stages)
     stages.wait(export)
     entry = store_entry(home)
     if entry is None:
@@ -434,13 +444,6 @@ def full_flow(a, s, stages, work, out, home):
                cap=200, reserve=0.55 * stages.left())
     s["raw"] = report.bench_rows(out / "backends.json")
     s["bench_skipped"] = (report.read_json(out / "backends.json") or {}).get("skipped", {})
-    if cuda and "CIFAR100_TORCH_COMPILE" not in os.environ and not any(
-            r["backend"] == "served-torch" and r["precision"].endswith("+compile") for r in s["raw"]):
-        # torch.compile failed or did not finish: the service and the direct run would spend the rest of the
-        # budget compiling again. Eager still measures the rest.
-        os.environ["CIFAR100_TORCH_COMPILE"] = "0"
-        s["compile_skipped"] = "no compiled served-torch row from the bench stage: the service serves eager"
-        stages.note(f"== {s['compile_skipped']}")
 
     # The OOD set is written while the service starts (CPU work vs. the service's model loading).
     ood = work / "ood"

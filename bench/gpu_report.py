@@ -271,6 +271,8 @@ def compile_rows(s):
             rows.append((f"torch.compile tta={r['tta']} (cold)", f"{r['load_seconds']:.0f} s",
                          f"{r['precision']}, CUDA graphs for batches {', '.join(map(str, sorted(map(int, warm))))}; "
                          "the stages after it load from the shared cache"))
+    if s.get("compile_skipped"):
+        rows.append(("torch.compile", "not used", s["compile_skipped"]))
     return rows
 
 
