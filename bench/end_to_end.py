@@ -7,11 +7,10 @@
 
 bench/gpu_check.sh runs it on the lent GPU machine after installing the wheels it needs. The default flow, with
 the model a random-weight ResNet-50 (Part 3) at --resolution:
-  1. `python -m export all` (CPU) beside Part 1's training on the GPU (generated data; its batch-size finder,
-     given a cap far above what fits, goes through its out-of-memory loop), then, side by side, torch.compile of
-     the served model (plain and flip test-time augmentation) into a cache the later stages share, the robust
-     recipe (--weights none, bf16 autocast, channels_last, EMA) straight for 2 epochs and paused after 1 then
-     resumed, and the project's GPU tests (pytest, GPU_TESTS);
+  1. side by side (on the CPU's two cores: one after another): `python -m export all`; torch.compile of the
+     served model (plain and with flip test-time augmentation) into a cache the later stages share; the project's
+     GPU tests (pytest, GPU_TESTS); Part 1 and the robust recipe (--weights none, bf16 autocast, channels_last,
+     EMA) trained on generated data for 2 epochs, the robust recipe also paused after 1 and resumed;
   2. alone on the machine, for timing: bench/train_throughput.py (training img/s, the data loader's where it
      reports it), bench/backends.py (eager fp32/fp16, the served torch backend compiled, with and without flip,
      ONNX Runtime CUDA and TensorRT where their packages import), then `bentoml serve` in the two-process layout
@@ -310,15 +309,11 @@ def default_flow(a, s, stages, work, out, home):
             stages.wait(name)
         return name
 
-    # Part 1: the CPU exports while the GPU trains Part 1, alone on it (its finder takes all the memory it can).
+    # Part 1, side by side: export (CPU), compile, the GPU tests and the training runs (the batch-size finder's
+    # out-of-memory loop is a GPU test, within a memory limit of its own: here it would take the others' memory).
     trt = s["machine"]["tensorrt_unavailable"] is None
     export = start("export", [py, "-m", "export", "all", "--checkpoint", ckpt, "--out", work / "artifacts"],
                    cap=150 + 180 * trt)   # a TensorRT build takes 1-3 minutes more
-    common = ["--data-dir", data, "--device", device, "--wandb", "disabled", "--workers", a.workers]
-    robust = ["robust", *common, "--weights", "none", "--arch", a.train_arch, "--epochs", 2,
-              "--batch-size", a.train_batch, "--resolution", a.resolution]
-    stages.run("train_part1", [py, "-m", "training", "part1", *common, "--out", train / "straight", "--epochs", 2,
-                               "--batch-size-cap", 2**20 if cuda else 256], cap=90, reserve=timing_reserve)
     compiles, compiling = [], cuda and os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
     if compiling:   # the served model, compiled once into the shared cache: plain and with flip, side by side
         model_dir = work / "compile_model"
@@ -334,11 +329,17 @@ def default_flow(a, s, stages, work, out, home):
                       0.0)
     tests = start("gpu_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS,
                                 "--junitxml", work / "logs" / "gpu_tests.xml"], cap=240)
+    common = ["--data-dir", data, "--device", device, "--wandb", "disabled", "--workers", a.workers]
+    part1 = start("train_part1", [py, "-m", "training", "part1", *common, "--out", train / "straight", "--epochs", 2],
+                  cap=120)
+    robust = ["robust", *common, "--weights", "none", "--arch", a.train_arch, "--epochs", 2,
+              "--batch-size", a.train_batch, "--resolution", a.resolution]
     straight = start("train_robust", [py, "-m", "training", *robust, "--out", train / "straight"], cap=150)
     if stages.run("train_robust_pause", [py, "-m", "training", *robust, "--out", train / "paused", "--pause-after", 1],
                   cap=120, reserve=timing_reserve)[0] == "ok":
         stages.run("train_robust_resume", [py, "-m", "training", *robust, "--out", train / "paused", "--resume"],
                    cap=120, reserve=timing_reserve)
+    stages.wait(part1)
     stages.wait(straight)
     s["training"] = report.training_summary(train)
     for name in compiles:

@@ -75,21 +75,29 @@ if [ -n "$WHEELS" ]; then
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
   echo "   installed in $(( $(date +%s) - t0 )) s"
 fi
-if ! "$PY" -c "import bentoml, locust" 2>/dev/null; then
-  echo "error: bentoml/locust do not import and .whl/ has no wheels for them (bash bench/fetch_wheels.sh; carry .whl)" >&2
-  exit 1
-fi
-for module in pytest tqdm requests matplotlib prometheus_client onnxconverter_common onnxruntime; do  # the stages say which fails
-  "$PY" -c "import $module" 2>/dev/null || echo "warning: python cannot import $module" >&2
-done
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.gpu,clocks.max.sm \
     --format=csv
 else
   echo "no nvidia-smi: CPU dry run"
 fi
-"$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA',
-torch.version.cuda, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+"$PY" - <<'EOF' || exit 1
+import importlib.util, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| GPU",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for module in ("pytest", "tqdm", "requests", "matplotlib", "prometheus_client", "onnxconverter_common", "onnxruntime"):
+    try:   # the stages that need one say so; this says it first
+        importlib.import_module(module)
+    except Exception as e:
+        print(f"warning: python cannot import {module}: {e}", file=sys.stderr)
+try:
+    import bentoml  # noqa: F401
+except ImportError as e:
+    sys.exit(f"error: {e} (and .whl/ has no wheel for it: bash bench/fetch_wheels.sh, carry .whl)")
+if importlib.util.find_spec("locust") is None:   # not imported here: it patches the standard library for gevent
+    sys.exit("error: no locust (and .whl/ has no wheel for it: bash bench/fetch_wheels.sh, carry .whl)")
+EOF
 
 # The stages get what is left less 20 s (the report, stopping the service); the driver is stopped 5 s before the
 # end and killed at the end, so the command ends within BUDGET.

@@ -238,7 +238,7 @@ def training_rows(s):
                       f"{r['device']}, generated data: val acc {fmt(r['best_val_acc'], 3)}")
             if name == "part1":
                 detail += f"; batch-size finder: {r['batch_size']} (cap {r['recipe']['batch_size_cap']:,})"
-            else:
+            elif r["recipe"].get("ema_decay"):
                 detail += f"; EMA decay {r['recipe']['ema_decay']}"
             rows.append((label, f"{fmt(r['images_per_s'])} img/s", detail + " (epoch average, loader included)"))
     if r := t.get("resume"):

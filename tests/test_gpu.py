@@ -87,3 +87,26 @@ def test_tensorrt_on_a_numbered_gpu_with_the_service_profile(tmp_path, images):
     with torch.inference_mode():
         reference = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(runner(images), reference, atol=FP16, rtol=FP16)   # 300: two engine calls
+
+
+def test_the_batch_size_finder_backs_off_when_memory_runs_out():
+    """Its out-of-memory loop, against a limit this process sets itself (2 GiB above what it holds): the rest of the
+    card stays free for whatever runs beside it."""
+    from training.models import build_classifier
+    from training.recipes import Part1
+    from training.train import find_batch_size
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 2 * 2**30) / total, device)
+    try:
+        model = build_classifier(Part1(), pretrained=False).to(device)
+        size = find_batch_size(model, device, cap=2**20)
+        assert 1 < size < 2**20 and size & (size - 1) == 0   # backed off, to a power of two
+        images = torch.randint(0, 256, (size, 32, 32, 3), dtype=torch.uint8, device=device)
+        model.eval()   # as the finder probes
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(images).float().sum().backward()   # and that size fits
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
