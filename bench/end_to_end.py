@@ -59,7 +59,7 @@ PRESETS = {
             "train_steps": 20, "speed_parts": "part1,robust", "workers": 4, "batch_sizes": "1,256",
             "served_tta": "none,flip"},
     "cpu": {"resolution": 32, "images": 1_900, "train_per_class": 1, "train_batch": 32, "train_arch": "simple_cnn",
-            "train_steps": 2, "speed_parts": "part1", "workers": 0, "batch_sizes": "1,64", "served_tta": "none"},
+            "train_steps": 2, "speed_parts": "part1", "workers": 0, "batch_sizes": "1,32", "served_tta": "none"},
 }
 # The tests that skip without a GPU, run by the check on one. tests/test_gpu_check.py checks that each exists.
 GPU_TESTS = ["tests/test_gpu.py", "tests/test_backends.py::test_torch_gpu_call_path[cuda-compiled]",
@@ -303,17 +303,14 @@ def default_flow(a, s, stages, work, out, home):
     ood.start()
 
     def start(name, cmd, cap):
-        """Side by side on a GPU machine; one at a time on the CPU's two cores (threads fighting over them)."""
-        name = stages.start(name, cmd, cap, reserve=timing_reserve)
-        if not cuda:
-            stages.wait(name)
-        return name
+        return stages.start(name, cmd, cap, reserve=timing_reserve, env=None if cuda else {"OMP_NUM_THREADS": "1"})
 
     # Part 1, side by side: export (CPU), compile, the GPU tests and the training runs (the batch-size finder's
     # out-of-memory loop is a GPU test, within a memory limit of its own: here it would take the others' memory).
+    # On the CPU's two cores, two at a time, a thread each.
     trt = s["machine"]["tensorrt_unavailable"] is None
-    export = start("export", [py, "-m", "export", "all", "--checkpoint", ckpt, "--out", work / "artifacts"],
-                   cap=150 + 180 * trt)   # a TensorRT build takes 1-3 minutes more
+    export = stages.start("export", [py, "-m", "export", "all", "--checkpoint", ckpt, "--out", work / "artifacts"],
+                          cap=150 + 180 * trt, reserve=timing_reserve)   # a TensorRT build takes 1-3 minutes more
     compiles, compiling = [], cuda and os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
     if compiling:   # the served model, compiled once into the shared cache: plain and with flip, side by side
         model_dir = work / "compile_model"
@@ -327,18 +324,25 @@ def default_flow(a, s, stages, work, out, home):
     else:
         stages.record("compile", "skipped: " + ("CIFAR100_TORCH_COMPILE=0" if cuda else "no GPU (the CPU serves eager)"),
                       0.0)
-    tests = start("gpu_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS,
-                                "--junitxml", work / "logs" / "gpu_tests.xml"], cap=240)
+    if cuda:
+        tests = start("gpu_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS,
+                                    "--junitxml", work / "logs" / "gpu_tests.xml"], cap=240)
+    else:
+        tests = None
+        stages.record("gpu_tests", "skipped: no GPU (they would all skip)", 0.0)
     common = ["--data-dir", data, "--device", device, "--wandb", "disabled", "--workers", a.workers]
     part1 = start("train_part1", [py, "-m", "training", "part1", *common, "--out", train / "straight", "--epochs", 2],
                   cap=120)
+    if not cuda:
+        stages.wait(export)
+        stages.wait(part1)
     robust = ["robust", *common, "--weights", "none", "--arch", a.train_arch, "--epochs", 2,
               "--batch-size", a.train_batch, "--resolution", a.resolution]
     straight = start("train_robust", [py, "-m", "training", *robust, "--out", train / "straight"], cap=150)
-    if stages.run("train_robust_pause", [py, "-m", "training", *robust, "--out", train / "paused", "--pause-after", 1],
-                  cap=120, reserve=timing_reserve)[0] == "ok":
-        stages.run("train_robust_resume", [py, "-m", "training", *robust, "--out", train / "paused", "--resume"],
-                   cap=120, reserve=timing_reserve)
+    if stages.wait(start("train_robust_pause", [py, "-m", "training", *robust, "--out", train / "paused",
+                                               "--pause-after", 1], cap=120))[0] == "ok":
+        stages.wait(start("train_robust_resume", [py, "-m", "training", *robust, "--out", train / "paused",
+                                                  "--resume"], cap=120))
     stages.wait(part1)
     stages.wait(straight)
     s["training"] = report.training_summary(train)
@@ -362,7 +366,7 @@ def default_flow(a, s, stages, work, out, home):
         raise RuntimeError("export did not produce a model store entry; see the export log above")
     served_tta = compiled_or_eager(s, stages) if compiling else a.served_tta
     only = "torch-eager,onnxruntime,tensorrt,served-torch,served-onnx,served-tensorrt" if cuda else \
-        "torch-eager,served-torch,served-onnx"
+        "served-torch,served-onnx"
     stages.run("bench", [py, "bench/backends.py", "--model-dir", entry, "--only", only, "--served-tta", served_tta,
                          "--batch-sizes", a.batch_sizes, "--iters", 20, "--max-seconds", 1,
                          "--json", out / "backends.json"], cap=120, reserve=0.3 * a.budget)
@@ -409,7 +413,7 @@ def measure_layout(a, s, stages, work, home, processes):
             if after.get("seconds") is not None and seconds:
                 r["model_busy"] = min(1.0, (after["seconds"] - before.get("seconds", 0)) / seconds)
         if stages.left() > 10:
-            r["classify"] = classify_latency(service.url, seconds=min(8.0, stages.left() - 8))
+            r["classify"] = classify_latency(service.url, seconds=min(6.0, stages.left() - 8))
         return r
     finally:
         service.stop()

@@ -232,8 +232,9 @@ def stage_rows(s):
 
 def training_rows(s):
     rows, t = [], s.get("training") or {}
-    for name, label in (("part1", "train Part 1 (simple CNN)"), ("robust", "train robust (ResNet-50, weights none)")):
+    for name, label in (("part1", "train Part 1"), ("robust", "train robust, weights none")):
         if r := t.get(name):
+            label = f"{label} ({r['recipe']['arch']})"
             detail = (f"{r['recipe']['resolution']} px, batch {r['batch_size']}, {r['epochs_run']} epochs on "
                       f"{r['device']}, generated data: val acc {fmt(r['best_val_acc'], 3)}")
             if name == "part1":

@@ -143,7 +143,7 @@ def test_the_summary_is_rewritten_after_every_stage(tmp_path, monkeypatch):
 
 def test_presets(monkeypatch):
     a = e2e.parse_args(["--preset", "cpu"])
-    assert (a.resolution, a.images, a.train_arch, a.batch_sizes, a.full, a.budget) == (32, 1900, "simple_cnn", "1,64",
+    assert (a.resolution, a.images, a.train_arch, a.batch_sizes, a.full, a.budget) == (32, 1900, "simple_cnn", "1,32",
                                                                                      False, 270)
     a = e2e.parse_args(["--preset", "gpu", "--full"])
     assert (a.resolution, a.images, a.batch_sizes, a.budget) == (224, 950_000, "1,100,256", 540)
@@ -323,7 +323,7 @@ def test_the_table_answers_the_questions(tmp_path):
     assert re.search(r"raw served-torch cuda fp16\+compile tta=flip b256\s+8,827 img/s", text)
     assert re.search(r"torch.compile tta=none \(cold\)\s+61 s\s+fp16\+compile, CUDA graphs for batches 2, 256", text)
     assert re.search(r"torch.compile tta=flip \(cold\)\s+failed: serves eager\s+AssertionError", text)
-    assert re.search(r"train Part 1 \(simple CNN\)\s+9,000 img/s.*batch-size finder: 65536 \(cap 1,048,576\)", text)
+    assert re.search(r"train Part 1 \(simple_cnn\)\s+9,000 img/s.*batch-size finder: 65536 \(cap 1,048,576\)", text)
     assert re.search(r"resume \(robust, paused after epoch 1\)\s+continues exactly \(bit-identical epoch 2\)", text)
     assert re.search(r"service backend \(auto\)\s+torch\s+torch 16,900 img/s at batch 256; onnx left out: this onnx", text)
     assert re.search(r"service model workers\s+1\s+worker 1: 0", text)
