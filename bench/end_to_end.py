@@ -361,6 +361,7 @@ def default_flow(a, s, stages, work, out, home):
         speed += ["--resolution", a.resolution, "--batch-size", a.train_batch]
     stages.run("train_speed", speed, cap=90)
     s["train_speed"] = report.speed_summary(work / "train_speed.json")
+    stages.on_change()
     entry = store_entry(home)
     if entry is None:
         raise RuntimeError("export did not produce a model store entry; see the export log above")
@@ -372,10 +373,12 @@ def default_flow(a, s, stages, work, out, home):
                          "--json", out / "backends.json"], cap=120, reserve=0.3 * a.budget)
     s["raw"] = report.bench_rows(out / "backends.json")
     s["bench_skipped"] = (report.read_json(out / "backends.json") or {}).get("skipped", {})
+    stages.on_change()
     ood.join()
     s["layouts"] = {}
     for processes in (2, 1):
-        s["layouts"][str(processes)] = measure_layout(a, s, stages, work, home, processes)
+        measure_layout(a, s, stages, work, home, processes)
+        stages.on_change()
 
 
 def compiled_or_eager(s, stages):
@@ -390,16 +393,18 @@ def compiled_or_eager(s, stages):
 
 
 def measure_layout(a, s, stages, work, home, processes):
-    """One layout of the service (CIFAR100_PROCESSES): its start, the OOD set scored through it, /classify."""
+    """One layout of the service (CIFAR100_PROCESSES): its start, the OOD set scored through it, /classify; into
+    s["layouts"] as they come."""
     service = start_service(stages, f"service_{processes}p", home, work / "service",
                             {"CIFAR100_BACKEND": a.backend, "CIFAR100_PROCESSES": processes})
     if service is None:
-        return {}
+        return
     try:
         info = get_json(service.url + "/info")
         s.setdefault("service_info", info)
-        r = {"start_seconds": stages.results[f"service_{processes}p"]["seconds"],
-             **{k: info.get(k) for k in ("backend", "precision", "device", "warmup_seconds", "compile_error")}}
+        r = s["layouts"][str(processes)] = {
+            "start_seconds": stages.results[f"service_{processes}p"]["seconds"],
+            **{k: info.get(k) for k in ("backend", "precision", "device", "warmup_seconds", "compile_error")}}
         before = model_stats(service.url)
         status, _ = stages.run(f"score_{processes}p", [
             sys.executable, "-m", "serving.score", "--ood-dir", work / "ood", "--chunk-size", a.chunk_size, "--url",
@@ -414,7 +419,6 @@ def measure_layout(a, s, stages, work, home, processes):
                 r["model_busy"] = min(1.0, (after["seconds"] - before.get("seconds", 0)) / seconds)
         if stages.left() > 10:
             r["classify"] = classify_latency(service.url, seconds=min(6.0, stages.left() - 8))
-        return r
     finally:
         service.stop()
 

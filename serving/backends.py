@@ -137,18 +137,11 @@ class TorchBackend(Backend):
         # One thread: the buffers serve one call at a time, and torch.compile's CUDA graphs belong to the
         # thread that recorded them (a call from another of BentoML's threads would record them again, in
         # another memory pool).
-        self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model", initializer=self.own_thread)
+        self.calls = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="model", initializer=setup_model_thread if self.device.startswith("cuda") else None,
+            initargs=(self.torch, self.device))   # not a bound method: the thread would keep this backend alive
         if compile:
             self.warmup()   # compiled now, in bucket order: a compiled backend is ready when it exists
-
-    def own_thread(self):
-        """The model thread's setup: its GPU, and CUDA graph trees of its own. torch before 2.13 keeps their state
-        only in the thread that imported them: a compiled call from any other thread (a second backend's model
-        thread) fails an assertion and the warm-up falls back to eager (pytorch#123177, fixed by pytorch#184357)."""
-        if self.device.startswith("cuda"):
-            if ":" in self.device:
-                self.torch.cuda.set_device(self.device)
-            own_cudagraph_trees(self.torch)
 
     def reserve(self, n):
         """Buffers for n images, made once per size (whole chunks): pinned host memory makes both copies
@@ -218,9 +211,18 @@ class TorchBackend(Backend):
         return {**super().describe(), **extra}
 
 
+def setup_model_thread(torch, device):
+    """A GPU model thread's setup: its GPU, and CUDA graph trees of its own. torch before 2.13 keeps their state only
+    in the thread that imported them: a compiled call from any other thread (a second backend's model thread)
+    fails an assertion and the warm-up falls back to eager (pytorch#123177, fixed by pytorch#184357)."""
+    if ":" in device:
+        torch.cuda.set_device(device)
+    own_cudagraph_trees(torch)
+
+
 def own_cudagraph_trees(torch):
-    """Give the calling thread its own CUDA graph trees state, as torch >= 2.13 does by itself (see
-    TorchBackend.own_thread); a thread that has one keeps it."""
+    """Give the calling thread its own CUDA graph trees state, as torch >= 2.13 does by itself; a thread that has
+    one keeps it."""
     from torch._inductor import cudagraph_trees as trees
 
     if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):

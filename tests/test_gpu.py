@@ -1,5 +1,8 @@
 """Paths that exist only on a GPU: each test skips, saying why, on a machine without one. bench/gpu_check.sh runs
 them (with the other GPU tests: end_to_end.GPU_TESTS) on the lent GPU machine."""
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +45,16 @@ def test_a_numbered_gpu(model_dir, images):
     assert backend.device == "cuda:0" and backend.precision == "fp16"
     np.testing.assert_allclose(backend(images), expected(model_dir, images), atol=FP16, rtol=FP16)
     assert backend.calls.submit(torch.cuda.current_device).result() == 0
+
+
+def test_a_backend_let_go_is_freed(model_dir):
+    """Its model thread must not keep it (and its GPU memory) alive: `auto` drops the candidates it does not choose."""
+    backend = TorchBackend(model_dir, "cuda", compile=False)
+    backend(np.zeros((3, 32, 32, 3), np.uint8))
+    freed = weakref.ref(backend)
+    del backend
+    gc.collect()
+    assert freed() is None
 
 
 def test_auto_on_a_gpu_says_what_it_timed_and_left_out(model_dir):
