@@ -356,3 +356,31 @@ def test_the_full_flows_table(tmp_path):
     assert re.search(r"direct scoring \(no service\): 950,000 images\s+76 s\s+projected", text)
     assert re.search(r"/classify \(1 user\)\s+p50 12 ms, p99 40 ms", text)
     assert re.search(r"check\s+--full", text)
+
+
+def test_the_compile_cache_is_shared_and_said_to_be_warm_or_cold(tmp_path, monkeypatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(e2e, "COMPILE_CACHE", str(tmp_path / "cache"))
+    assert e2e.compile_cache() == (str(tmp_path / "cache"), False)
+    assert (os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"], os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"]) == ("1", "1")
+    (tmp_path / "cache" / "fxgraph").mkdir(parents=True)
+    assert e2e.compile_cache() == (str(tmp_path / "cache"), True)   # a rerun on the same machine
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert e2e.compile_cache()[0] == str(tmp_path / "mine")
+
+
+def test_bench_backends_says_why_it_skipped_a_backend(model_dir, tmp_path):
+    """What the check's rows for ONNX Runtime CUDA and TensorRT read: the load time of each backend it ran and the
+    reason for each it could not."""
+    done = subprocess.run([sys.executable, "bench/backends.py", "--model-dir", model_dir, "--only",
+                           "served-onnx,served-tensorrt,tensorrt", "--batch-sizes", "1", "--iters", "3",
+                           "--json", tmp_path / "b.json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["backend"], r["tta"]) for r in bench["loaded"]] == [("served-onnx", "none")]
+    assert bench["loaded"][0]["describe"]["backend"] == "onnx" and bench["loaded"][0]["load_seconds"] >= 0
+    from serving.tensorrt import unavailable_reason
+    assert bench["skipped"] == {"tensorrt": unavailable_reason() or "no engine (python -m export tensorrt)",
+                                "served-tensorrt": "TensorRT backend unavailable: no TensorRT engine in the model"}
+    assert [(r["backend"], r["batch"]) for r in bench["results"]] == [("served-onnx", 1)]
