@@ -48,7 +48,7 @@ from bench import gpu_report as report  # noqa: E402
 from serving.local_server import LocalServer, stop_process_group  # noqa: E402
 from serving.score import N_FILES  # noqa: E402
 from training.checkpoint import save_random_checkpoint  # noqa: E402
-from training.contract import CHECKPOINT_FILE, MODEL_NAME, NUM_CLASSES  # noqa: E402
+from training.contract import CHECKPOINT_FILE, MODEL_NAME, NUM_CLASSES, random_images  # noqa: E402
 from training.files import atomic_path, write_json  # noqa: E402
 
 FULL_SET = 950_000
@@ -218,7 +218,7 @@ def model_stats(url):
 def png_bytes():
     from PIL import Image
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(random_images(1)[0]).save(buffer, "PNG")
     return buffer.getvalue()
 
 

@@ -309,6 +309,13 @@ def test_tensorrt_profile_is_tuned_for_the_chunks_the_service_sends():
     for command in ("tensorrt --onnx x.onnx", "all"):
         args = parse_args(command.split())
         assert (args.min_batch, args.opt_batch, args.max_batch) == (1, 256, 256)
+    import inspect
+
+    import export
+    for name in ("export_tensorrt", "export_all"):   # the package's functions, where they exist (issue 31)
+        if hasattr(export, name):
+            defaults = inspect.signature(getattr(export, name)).parameters
+            assert (defaults["opt_batch"].default, defaults["max_batch"].default) == (256, 256), name
     assert profile_shapes(1, 16, 64)[1] == (16, 32, 32, 3)
     with pytest.raises(ExportError, match="need 1 <= min-batch <= opt-batch <= max-batch, got 1, 512, 256"):
         profile_shapes(1, 512, 256)
