@@ -253,7 +253,8 @@ class OnnxBackend(Backend):
         wanted = device or ("cuda" if cuda_available() else "cpu")
         if wanted.startswith("cuda"):
             try:
-                return self.start(ort, model_dir, wanted)
+                self.start(ort, model_dir, wanted)
+                return
             except BackendError as e:
                 if device:   # asked for by name (auto does): refuse rather than run on the CPU
                     raise
