@@ -101,42 +101,80 @@ def find_artifacts(args, scratch):
     return checkpoint, found
 
 
-def backends(args, checkpoint, artifacts, device):
-    """(name, device, precision, runner) for every backend that can run here, made one at a time so
-    that each is timed alone (no idle ONNX Runtime thread pools or GPU copies of other models around)."""
-    gpu = device.startswith("cuda")
-    yield "torch-eager", device, "fp32", torch_runner(load_model(checkpoint, args.tta), device)
-    if gpu:
-        yield "torch-eager", device, "fp16+channels_last", torch_runner(load_model(checkpoint, args.tta), device, True)
-    if args.compile:
+# onnxruntime: on the bench's device (CUDA on a GPU); onnxruntime-cpu: on the CPU also when a GPU is there.
+NAMES = ("torch-eager", "torch-compile", "onnxruntime", "onnxruntime-cpu", "tensorrt", "served-torch", "served-onnx",
+         "served-tensorrt")
+
+
+def ort_unavailable(device):
+    """Why ONNX Runtime cannot run on DEVICE here (a string), or None."""
+    import onnxruntime as ort
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (the CPU build is installed)"
+    return None
+
+
+def backends(args, checkpoint, artifacts, device, skipped):
+    """(name, device, precision, tta, runner) for every backend of args.only that can run here, made one at a time
+    so that each is timed alone (no idle ONNX Runtime thread pools or GPU copies of other models around). Why one
+    cannot run goes into SKIPPED."""
+    gpu, want = device.startswith("cuda"), set(args.only.split(","))
+    if "torch-eager" in want:
+        yield "torch-eager", device, "fp32", args.tta, torch_runner(load_model(checkpoint, args.tta), device)
+        if gpu:
+            yield ("torch-eager", device, "fp16+channels_last", args.tta,
+                   torch_runner(load_model(checkpoint, args.tta), device, True))
+    if args.compile and "torch-compile" in want:
         run, precision = compiled_runner(load_model(checkpoint, args.tta), device)
-        yield "torch-compile", device, precision, run
-    yield "onnxruntime", "cpu", "fp32", ort_runner(artifacts["onnx"], "cpu")
-    if gpu:
-        for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16")):
-            if key not in artifacts:
-                continue
-            if (run := ort_runner(artifacts[key], device)) is None:
-                log.info("skipping ONNX Runtime CUDA: no CUDAExecutionProvider")
-                break
-            yield "onnxruntime", device, precision, run
-    if "engine" not in artifacts:
-        log.info("skipping TensorRT: no engine (python -m export tensorrt)")
-    else:
+        yield "torch-compile", device, precision, args.tta, run
+    if "onnxruntime-cpu" in want or ("onnxruntime" in want and not gpu):
+        yield "onnxruntime", "cpu", "fp32", args.tta, ort_runner(artifacts["onnx"], "cpu")
+    if "onnxruntime" in want:
+        if gpu and (reason := ort_unavailable(device)):
+            skipped["onnxruntime"] = reason
+        elif gpu:
+            for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16")):
+                if key not in artifacts:
+                    continue
+                if (run := ort_runner(artifacts[key], device)) is None:
+                    skipped["onnxruntime"] = "its CUDA provider did not start (ONNX Runtime's log says why)"
+                    break
+                yield "onnxruntime", device, precision, args.tta, run
+    if "tensorrt" in want:
         from serving.tensorrt import TensorRTRunner, unavailable_reason
         if reason := unavailable_reason():
-            log.info("skipping TensorRT: %s", reason)
+            skipped["tensorrt"] = reason
+        elif "engine" not in artifacts:
+            skipped["tensorrt"] = "no engine (python -m export tensorrt)"
         else:
-            yield "tensorrt", device, "fp16", TensorRTRunner(artifacts["engine"])
+            yield "tensorrt", device, "fp16", args.tta, TensorRTRunner(artifacts["engine"], device)
     if args.model_dir:
         from serving.backends import BackendError, load_backend
         for kind in ("torch", "onnx", "tensorrt"):
-            try:
-                backend = load_backend(kind, args.model_dir, device)
-            except BackendError as e:
-                log.info("skipping served-%s: %s", kind, e)
+            if f"served-{kind}" not in want:
                 continue
-            yield f"served-{kind}", backend.device, backend.precision, backend
+            for tta in (args.served_tta.split(",") if kind == "torch" and args.served_tta else [None]):
+                try:
+                    backend = load_backend(kind, args.model_dir, device, tta=tta)
+                except BackendError as e:
+                    skipped[f"served-{kind}"] = str(e)
+                    continue
+                yield f"served-{kind}", backend.device, backend.precision, getattr(backend, "tta", "none"), backend
+
+
+def reference_logits(model, images, device):
+    """Eager fp32 logits of MODEL (on DEVICE): what every backend should compute. On a GPU with TF32 off, so that
+    they are fp32's own (a CPU takes seconds per 256 images at 224 px)."""
+    if not device.startswith("cuda"):
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            return model(torch.from_numpy(images).to(device)).cpu().numpy()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def test_images(batch):
@@ -175,7 +213,11 @@ def main(argv=None):
     src.add_argument("--checkpoint", help="a training checkpoint (ONNX files from --artifacts, else exported)")
     src.add_argument("--model-dir", help="a model's folder in the BentoML model store (models/<name>/<version>)")
     p.add_argument("--artifacts", default="artifacts", help="where `python -m export` wrote (with --checkpoint)")
-    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--batch-sizes", default="1,16,64,256", help="'' loads the backends only (e.g. to compile them)")
+    p.add_argument("--only", default=",".join(NAMES), help="the backends to time (default: all of %(default)s)")
+    p.add_argument("--served-tta", default=None,
+                   help="with --model-dir: the served torch backend once per test-time augmentation listed, e.g. "
+                        "none,flip (default: the model's own)")
     p.add_argument("--iters", type=int, default=50, help="timed calls per cell at most")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop a cell after this long (at least 3 calls); default 2 on CPU, 10 on GPU")
@@ -206,36 +248,53 @@ def run_all(args, checkpoint, ckpt, artifacts, device, max_seconds, sync):
     recipe = ckpt["recipe"]
     log.info("%s (%s at %d px) on %s", checkpoint, recipe["arch"], recipe["resolution"], device)
 
-    results, reference = [], {}
+    results, reference, loaded, skipped = [], {}, [], {}
     report = {"machine": machine(device), "checkpoint": str(checkpoint),
               "model": {"part": recipe["name"], "arch": recipe["arch"], "resolution": recipe["resolution"]},
-              "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results}
-    reference_model = load_model(checkpoint, args.tta)   # eager FP32 on the CPU: what every backend should compute
-    header = (f"{'backend':<16} {'device':<6} {'precision':<19} {'batch':>5} {'ms/batch':>10} {'img/s':>10} "
+              "artifacts": {k: str(v) for k, v in artifacts.items()}, "results": results, "loaded": loaded,
+              "skipped": skipped}
+    reference_models = {}   # per test-time augmentation: eager fp32 (reference_logits)
+    header = (f"{'backend':<16} {'device':<6} {'precision':<19} {'tta':<4} {'batch':>5} {'ms/batch':>10} {'img/s':>10} "
               f"{'iters':>5} {'max|diff|':>9} {'top1%':>6}")
     print(header + "\n" + "-" * len(header), flush=True)
-    for name, dev, precision, run in backends(args, checkpoint, artifacts, device):
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            if batch not in reference:
-                with torch.inference_mode():
-                    reference[batch] = reference_model(torch.from_numpy(test_images(batch))).numpy()
+    made = backends(args, checkpoint, artifacts, device, skipped)
+    while True:
+        start = time.perf_counter()
+        try:   # loading (and, for served-torch on a GPU, compiling) is timed too
+            name, dev, precision, tta, run = next(made)
+        except StopIteration:
+            break
+        loaded.append({"backend": name, "device": dev, "precision": precision, "tta": tta,
+                       "load_seconds": round(time.perf_counter() - start, 1),
+                       **({"describe": run.describe()} if hasattr(run, "describe") else {})})
+        log.info("%s %s %s (tta %s) ready in %.1f s", name, dev, precision, tta, loaded[-1]["load_seconds"])
+        if args.json:
+            write_json(args.json, report)
+        for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
+            if (tta, batch) not in reference:
+                if tta not in reference_models:
+                    reference_models[tta] = load_model(checkpoint, tta).to(device)
+                reference[tta, batch] = reference_logits(reference_models[tta], test_images(batch), device)
             try:
                 cell, logits = time_cell(run, batch, args.iters, max_seconds, warmup=2 if dev == "cpu" else 5,
                                          sync=sync)
             except Exception as e:   # one backend failing must not hide the others' rows
                 log.error("%s %s batch %d failed: %s: %s", name, precision, batch, type(e).__name__, e)
-                results.append({"backend": name, "device": dev, "precision": precision, "batch": batch,
+                results.append({"backend": name, "device": dev, "precision": precision, "tta": tta, "batch": batch,
                                  "error": f"{type(e).__name__}: {e}"})
                 continue
-            cell["max_abs_diff"] = float(np.abs(logits - reference[batch]).max())
-            cell["top1_agree"] = float((logits.argmax(1) == reference[batch].argmax(1)).mean())
-            results.append({"backend": name, "device": dev, "precision": precision, **cell})
-            print(f"{name:<16} {dev:<6} {precision:<19} {batch:>5} {cell['ms_per_batch']:>10.2f} "
+            expected = reference[tta, batch]
+            cell["max_abs_diff"] = float(np.abs(logits - expected).max())
+            cell["top1_agree"] = float((logits.argmax(1) == expected.argmax(1)).mean())
+            results.append({"backend": name, "device": dev, "precision": precision, "tta": tta, **cell})
+            print(f"{name:<16} {dev:<6} {precision:<19} {tta:<4} {batch:>5} {cell['ms_per_batch']:>10.2f} "
                   f"{cell['img_per_s']:>10.0f} {cell['iters']:>5} {cell['max_abs_diff']:>9.2e} "
                   f"{100 * cell['top1_agree']:>6.1f}", flush=True)
             if args.json:   # after every cell: a run stopped by a time limit still leaves its rows
                 write_json(args.json, report)
         del run  # free this backend before the next one is built
+    for name, reason in skipped.items():
+        log.info("skipping %s: %s", name, reason)
     if args.json:
         write_json(args.json, report)
         log.info("wrote %s", args.json)

@@ -22,11 +22,13 @@ REQUIRED=(
   locust flask flask-cors flask-login itsdangerous blinker configargparse gevent geventhttpclient greenlet
   brotli bidict python-engineio python-socketio simple-websocket websocket-client zope-event zope-interface
 )
-# Imported by our code (export fp16, score progress bar, loadtest report/plots, HTTP client): small, and
-# installed only where the image lacks them so that nothing the image ships is shadowed.
+# Imported by our code (export fp16, score progress bar, loadtest report/plots, HTTP client) or by the check (pytest
+# for the GPU tests): small, and installed only where the image lacks them so that nothing the image ships is
+# shadowed.
 IF_MISSING=(
   tqdm onnxconverter-common requests urllib3 idna certifi charset-normalizer prometheus-client nvidia-ml-py pyyaml
   matplotlib contourpy kiwisolver fonttools cycler pyparsing python-dateutil
+  pytest pluggy iniconfig pygments packaging pytest-timeout
 )
 
 pin() {  # NAME -> NAME==VERSION from constraints.txt (names compared PEP 503-normalised)

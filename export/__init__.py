@@ -7,6 +7,7 @@ written. `python -m export STEP` runs these functions, with the same names for i
 import logging
 from pathlib import Path
 
+from serving.backends import GPU_CHUNK
 from training.contract import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def export_onnx(checkpoint, out="artifacts", *, fp16=False, tta="none"):
     return export_checkpoint(*load(checkpoint), Path(out), fp16=fp16, tta=tta)
 
 
-def export_tensorrt(onnx, out="artifacts", *, min_batch=1, opt_batch=64, max_batch=256, workspace_gib=None):
+def export_tensorrt(onnx, out="artifacts", *, min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK, workspace_gib=None):
     """OUT/<part>.engine (+ .engine.json) built from ONNX (a file or an Artifact) and checked: its Artifact."""
     from .onnx import Artifact
     from .tensorrt import build_engine
@@ -50,8 +51,8 @@ def export_bento(checkpoint, artifacts="artifacts", *, name=MODEL_NAME):
     return bento.save_to_store(checkpoint, ckpt, digest, found, name)
 
 
-def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_batch=1, opt_batch=64, max_batch=256,
-               workspace_gib=None):
+def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_batch=1, opt_batch=GPU_CHUNK,
+               max_batch=GPU_CHUNK, workspace_gib=None):
     """ONNX, FP16 ONNX, the TensorRT engine where TensorRT and a GPU are present, then the model store: the
     bentoml.Model. Each step hands what it made to the next; nothing is read back from disk."""
     from serving.tensorrt import unavailable_reason

@@ -5,6 +5,7 @@ import logging
 import sys
 import time
 
+from serving.backends import GPU_CHUNK
 from training.checkpoint import CheckpointError, save_random_checkpoint
 from training.contract import MODEL_NAME
 from training.models import TTA
@@ -27,8 +28,9 @@ def parse_args(argv=None, prog="python -m export"):
 
     def batch_args(cmd):
         cmd.add_argument("--min-batch", type=int, default=1)
-        cmd.add_argument("--opt-batch", type=int, default=64, help="the batch size TensorRT tunes for")
-        cmd.add_argument("--max-batch", type=int, default=256)
+        cmd.add_argument("--opt-batch", type=int, default=GPU_CHUNK,
+                         help="the batch size TensorRT tunes for (default %(default)s: the service's chunk on a GPU)")
+        cmd.add_argument("--max-batch", type=int, default=GPU_CHUNK)
         cmd.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit")
 
     def tta_arg(cmd):

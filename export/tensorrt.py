@@ -8,7 +8,7 @@ both next to it. Running an engine is serving's job (serving/tensorrt.py); the c
 import logging
 from pathlib import Path
 
-from serving.backends import BackendError
+from serving.backends import GPU_CHUNK, BackendError
 from serving.tensorrt import TensorRTRunner, device_info, logger, unavailable_reason
 from training.checkpoint import sha256
 from training.contract import IMAGE_SHAPE, INPUT_NAME
@@ -29,13 +29,21 @@ def tensorrt_major():
     return int(trt.__version__.split(".")[0])
 
 
-def build_engine(onnx, engine_path, min_batch=1, opt_batch=64, max_batch=256, workspace_gib=None):
+def profile_shapes(min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK):
+    """The input shapes of the engine's one optimisation profile: (smallest, tuned for, largest). TensorRT picks its
+    kernels for the middle one; the service calls the engine with chunks of GPU_CHUNK images (Backend.__call__
+    splits larger merged batches at the profile's maximum), and `auto` times it on GPU_CHUNK."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ExportError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}")
+    return tuple((n, *IMAGE_SHAPE) for n in (min_batch, opt_batch, max_batch))
+
+
+def build_engine(onnx, engine_path, min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK, workspace_gib=None):
     """Build an engine from an ONNX Artifact, check it against ONNX Runtime, write ENGINE and ENGINE.json.
     Returns the engine's Artifact."""
     if reason := unavailable_reason():
         raise TensorRTUnavailable(f"cannot build a TensorRT engine: {reason}")
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ExportError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}")
+    shapes = profile_shapes(min_batch, opt_batch, max_batch)
     import tensorrt as trt
 
     engine_path = Path(engine_path)
@@ -57,7 +65,7 @@ def build_engine(onnx, engine_path, min_batch=1, opt_batch=64, max_batch=256, wo
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     name = network.get_input(0).name
     profile = builder.create_optimization_profile()
-    profile.set_shape(name, (min_batch, *IMAGE_SHAPE), (opt_batch, *IMAGE_SHAPE), (max_batch, *IMAGE_SHAPE))
+    profile.set_shape(name, *shapes)
     config.add_optimization_profile(profile)
     log.info("building a TensorRT %s engine from %s (batch %d..%d, tuned for %d); this takes a minute or more",
              trt.__version__, onnx.path.name, min_batch, max_batch, opt_batch)

@@ -5,14 +5,18 @@
             (compiled at load; CIFAR100_TORCH_COMPILE=0: eager), through preallocated pinned host buffers with
             asynchronous copies, all on one thread; on the CPU fp32 eager
   onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime with I/O binding, CUDA EP on a GPU
+            (checked after the session starts: model.onnx on the CPU when the CUDA libraries do not load)
   tensorrt  model.engine through serving.tensorrt.TensorRTRunner, only when the engine was built for this GPU
   auto      every one of them that can run on this machine's device, timed on the same batch after warm-up;
             the fastest serves (describe() shows the measured img/s and why the others were left out)
+A device is "cpu", "cuda" (the first GPU this process sees: a model worker sees only its own) or "cuda:N".
 """
+import collections
 import concurrent.futures
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +29,10 @@ from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, I
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
-AUTO_BATCH = {True: 256, False: 32}   # images per timed call when auto compares backends: on a GPU, on the CPU
+# Images per model call on a GPU: the torch backend's largest CUDA graph, the batch size TensorRT engines are tuned
+# for (export/tensorrt.py), and what `auto` times there.
+GPU_CHUNK = 256
+AUTO_BATCH = {True: GPU_CHUNK, False: 32}   # images per timed call when auto compares backends: on a GPU, on the CPU
 # Request bodies arrive as read-only arrays; the models only read their input, so torch's warning about wrapping
 # one without a copy says nothing here.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -41,6 +48,11 @@ def cuda_available():
         return torch.cuda.is_available()
     except Exception:  # a broken CUDA install must not stop a CPU service
         return False
+
+
+def cuda_index(device):
+    """The GPU number in a device name: "cuda:1" -> 1; "cuda" -> 0, the first GPU this process sees."""
+    return int(device.partition(":")[2] or 0)
 
 
 def cpu_cores():
@@ -81,9 +93,9 @@ class Backend:
 
 class TorchBackend(Backend):
     name = "torch"
-    # On a GPU with torch.compile: calls are cut into chunks of 256, each padded up to a power of two from 2,
+    # On a GPU with torch.compile: calls are cut into chunks of GPU_CHUNK, each padded up to a power of two from 2,
     # one CUDA graph per bucket. 2, not 1: torch.compile specialises a batch of 1 (one more compile).
-    BUCKETS = [2 << i for i in range(8)]
+    BUCKETS = [2 << i for i in range(GPU_CHUNK.bit_length() - 1)]
 
     def __init__(self, model_dir, device=None, compile=None, tta=None):
         import torch
@@ -125,7 +137,9 @@ class TorchBackend(Backend):
         # One thread: the buffers serve one call at a time, and torch.compile's CUDA graphs belong to the
         # thread that recorded them (a call from another of BentoML's threads would record them again, in
         # another memory pool).
-        self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.calls = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="model", initializer=setup_model_thread if self.device.startswith("cuda") else None,
+            initargs=(self.torch, self.device))   # not a bound method: the thread would keep this backend alive
         if compile:
             self.warmup()   # compiled now, in bucket order: a compiled backend is ready when it exists
 
@@ -197,6 +211,36 @@ class TorchBackend(Backend):
         return {**super().describe(), **extra}
 
 
+def setup_model_thread(torch, device):
+    """A GPU model thread's setup: its GPU, and CUDA graph trees of its own. torch before 2.13 keeps their state only
+    in the thread that imported them: a compiled call from any other thread (a second backend's model thread)
+    fails an assertion and the warm-up falls back to eager (pytorch#123177, fixed by pytorch#184357)."""
+    if ":" in device:
+        torch.cuda.set_device(device)
+    own_cudagraph_trees(torch)
+
+
+def own_cudagraph_trees(torch):
+    """Give the calling thread its own CUDA graph trees state, as torch >= 2.13 does by itself; a thread that has
+    one keeps it."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
+def cuda_provider(device):
+    """ONNX Runtime's CUDA provider for DEVICE with the service's options: the GPU it names (device_id), and cuDNN's
+    heuristic choice of convolution algorithm. The provider's default, an exhaustive search, times every algorithm
+    on the first call of each new input shape, and the batcher makes every batch size from 1 to its maximum: each
+    new one would pay that search on a live request."""
+    return "CUDAExecutionProvider", {"device_id": cuda_index(device), "cudnn_conv_algo_search": "HEURISTIC"}
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -204,20 +248,30 @@ class OnnxBackend(Backend):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
-        gpu = (device or ("cuda" if cuda_available() else "cpu")).startswith("cuda")
-        if gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
-            if device:   # asked for by name (auto does): refuse rather than run on the CPU
+        if not (model_dir / ONNX_FILE).is_file():
+            raise BackendError(f"no {ONNX_FILE} in {model_dir}")
+        wanted = device or ("cuda" if cuda_available() else "cpu")
+        if wanted.startswith("cuda"):
+            try:
+                self.start(ort, model_dir, wanted)
+                return
+            except BackendError as e:
+                if device:   # asked for by name (auto does): refuse rather than run on the CPU
+                    raise
+                log.warning("%s; running ONNX Runtime on the CPU", e)
+        self.start(ort, model_dir, "cpu")
+
+    def start(self, ort, model_dir, device):
+        """The session on DEVICE: model.fp16.onnx on a GPU when there is one, model.onnx otherwise."""
+        gpu = device.startswith("cuda")
+        path, precision = model_dir / ONNX_FILE, "fp32"
+        if gpu:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-            log.warning("GPU present but this onnxruntime has no CUDAExecutionProvider; using the CPU")
-            gpu = False
-        path = model_dir / ONNX_FILE
-        self.precision = "fp32"
-        if gpu and (model_dir / ONNX_FP16_FILE).is_file():
-            path, self.precision = model_dir / ONNX_FP16_FILE, "fp16"
-        if not path.is_file():
-            raise BackendError(f"no {path.name} in {model_dir}")
-        if gpu and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings
+            if (model_dir / ONNX_FP16_FILE).is_file():
+                path, precision = model_dir / ONNX_FP16_FILE, "fp16"
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()  # one session, one request batch at a time
         options.inter_op_num_threads = 1
@@ -225,31 +279,41 @@ class OnnxBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = (["CUDAExecutionProvider"] if gpu else []) + ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        providers = ([cuda_provider(device)] if gpu else []) + ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if gpu and session.get_providers()[0] != "CUDAExecutionProvider":
+            # get_available_providers() lists CUDA whenever onnxruntime-gpu is installed, even when its CUDA or cuDNN
+            # libraries fail to load; the session then runs on the CPU without a word (ONNX Runtime logs why).
+            raise BackendError(f"ONNX Runtime's CUDA provider did not start (its log above says why): the session "
+                               f"would run on {', '.join(session.get_providers())}")
+        self.session, self.device, self.precision = session, device, precision
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
 
     def run(self, images):
         # I/O binding: the logits stay where the model made them until one copy to the host at the end.
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(images))
-        binding.bind_output(self.output_name, self.device)
+        if self.device.startswith("cuda"):
+            binding.bind_output(self.output_name, "cuda", cuda_index(self.device))
+        else:
+            binding.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
 
 
-def engine_mismatch(model_dir):
-    """Why the TensorRT engine cannot run here (a string), or None when it fits this GPU."""
+def engine_mismatch(model_dir, device="cuda"):
+    """Why the TensorRT engine cannot run on DEVICE (a string), or None when it fits that GPU."""
     engine, info = Path(model_dir) / ENGINE_FILE, Path(model_dir) / ENGINE_INFO_FILE
     if not engine.is_file() or not info.is_file():
         return "no TensorRT engine in the model"
     from serving.tensorrt import device_info, unavailable_reason
     if (why := unavailable_reason()) is not None:
         return why
+    if not device.startswith("cuda"):
+        return f"TensorRT runs on a GPU, not on {device}"
     built_for = json.loads(info.read_text())
-    for key, value in device_info().items():
+    for key, value in device_info(device).items():
         if str(built_for.get(key)) != value:
             return f"engine built for {key}={built_for.get(key)}, this machine has {value}"
     return None
@@ -260,11 +324,13 @@ class TensorRTBackend(Backend):
     device = "cuda"
 
     def __init__(self, model_dir, device=None):
-        if (why := engine_mismatch(model_dir)) is not None:
+        device = device or "cuda"
+        if (why := engine_mismatch(model_dir, device)) is not None:
             raise BackendError(f"TensorRT backend unavailable: {why}")
         from serving.tensorrt import TensorRTRunner
 
-        self.runner = TensorRTRunner(Path(model_dir) / ENGINE_FILE)
+        self.runner = TensorRTRunner(Path(model_dir) / ENGINE_FILE, device)
+        self.device = device
         self.max_batch = self.runner.max_batch   # the engine's profile: Backend.__call__ has checked and split
         self.precision = json.loads((Path(model_dir) / ENGINE_INFO_FILE).read_text())["precision"]
 

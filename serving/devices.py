@@ -6,12 +6,20 @@ anything in it starts CUDA: then the torch, ONNX Runtime and TensorRT backends a
 `cuda:0`. With more workers than GPUs, workers share GPUs round-robin (worker 3 of 2 GPUs gets the first again);
 on the CPU the workers split the cores between them.
 """
+import functools
+import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+NVIDIA_DRIVER = Path("/proc/driver/nvidia")   # there whenever the NVIDIA kernel driver is loaded
 
 
 def visible_gpus():
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (else all that NVML sees), found without
-    starting CUDA in this process (which would fix its devices for good)."""
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (else all that NVML sees, else all that CUDA
+    sees), found without starting CUDA in this process (which would fix its devices for good)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]
@@ -22,8 +30,22 @@ def visible_gpus():
             return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
         finally:
             pynvml.nvmlShutdown()
-    except Exception:   # no driver, no GPU, no NVML library: the CPU
-        return []
+    except Exception as e:   # no NVML library (nvidia-ml-py missing), no driver, or NVML itself failing
+        if not NVIDIA_DRIVER.exists():
+            return []   # no NVIDIA driver: the CPU
+        log.warning("NVML cannot count the GPUs (%s: %s); asking CUDA in a separate process", type(e).__name__, e)
+        return [str(i) for i in range(cuda_device_count())]
+
+
+@functools.cache
+def cuda_device_count():
+    """How many GPUs CUDA sees, counted in a child process so that this one does not start CUDA (0 if it fails)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                              capture_output=True, text=True, timeout=120)
+        return int(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
 
 
 def worker_count(setting=None, gpus=None):

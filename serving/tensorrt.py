@@ -12,7 +12,7 @@ import numpy as np
 
 from training.contract import blank_images
 
-from .backends import Backend, BackendError
+from .backends import Backend, BackendError, cuda_index
 
 
 def unavailable_reason():
@@ -36,31 +36,36 @@ def logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
-def device_info():
-    """What an engine is tied to, as strings (compared before an engine is loaded)."""
+def device_info(device="cuda"):
+    """What an engine is tied to, as strings (compared before an engine is loaded): of the GPU DEVICE names."""
     import tensorrt as trt
     import torch
-    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(),
-            "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability())}
+    index = cuda_index(device)
+    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(index),
+            "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability(index))}
 
 
 class TensorRTRunner(Backend):
-    """Buffers are torch CUDA tensors; the engine runs on a private torch stream. Calling it checks the batch and
-    splits one larger than the engine's profile (Backend.__call__); `run` zero-pads one smaller than its minimum."""
+    """Buffers are torch CUDA tensors; the engine runs on a private torch stream of its GPU (DEVICE: "cuda" or
+    "cuda:N"). Calling it checks the batch and splits one larger than the engine's profile (Backend.__call__); `run`
+    zero-pads one smaller than its minimum."""
 
-    def __init__(self, engine_path):
+    def __init__(self, engine_path, device="cuda"):
         if reason := unavailable_reason():
             raise BackendError(f"cannot run a TensorRT engine: {reason}")
         import tensorrt as trt
         import torch
 
         self.torch = torch
-        self.runtime = trt.Runtime(logger())
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise BackendError(f"TensorRT {trt.__version__} cannot load {engine_path}: engines only run on the GPU "
-                               "model and TensorRT version they were built with")
-        self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda", cuda_index(device))
+        # TensorRT puts an engine and its execution context on the GPU current when they are made.
+        with torch.cuda.device(self.device):
+            self.runtime = trt.Runtime(logger())
+            self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise BackendError(f"TensorRT {trt.__version__} cannot load {engine_path}: engines only run on the "
+                                   "GPU model and TensorRT version they were built with")
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
@@ -71,7 +76,6 @@ class TensorRTRunner(Backend):
             else torch.float16
         low, _, high = self.engine.get_tensor_profile_shape(self.input, 0)
         self.min_batch, self.max_batch = int(low[0]), int(high[0])
-        self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
         self.lock = threading.Lock()  # one execution context: one batch at a time
 
@@ -80,7 +84,7 @@ class TensorRTRunner(Backend):
         images = np.ascontiguousarray(images)
         if n < self.min_batch:
             images = np.concatenate([images, blank_images(self.min_batch - n)])
-        with self.lock, torch.cuda.stream(self.stream):
+        with self.lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             x = torch.from_numpy(images).to(self.device)
             if not self.context.set_input_shape(self.input, tuple(x.shape)):
                 raise BackendError(f"TensorRT refused input shape {tuple(x.shape)}")

@@ -1,9 +1,14 @@
-"""The backends of serving/backends.py against the PyTorch model they were exported from (CPU here)."""
+"""The backends of serving/backends.py against the PyTorch model they were exported from (CPU here; the paths that
+exist only on a GPU are in test_gpu.py)."""
+import concurrent.futures
+
 import numpy as np
 import pytest
 import torch
 
-from serving.backends import BackendError, TorchBackend, load_backend
+import serving.backends
+from serving.backends import (BackendError, OnnxBackend, TorchBackend, cpu_threads, cuda_provider, engine_mismatch,
+                              load_backend, own_cudagraph_trees)
 from training.checkpoint import load_classifier
 
 
@@ -114,3 +119,58 @@ def test_torch_compile_failure_serves_the_eager_model(model_dir, reference, imag
     assert backend.buckets is None and not torch.backends.cudnn.benchmark
     assert backend.describe()["compile_error"] == "RuntimeError: no working C++ compiler"
     np.testing.assert_allclose(backend(images), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_runtime_cuda_provider_options():
+    """The GPU named, and cuDNN's heuristic rather than its exhaustive search on every new batch size."""
+    assert cuda_provider("cuda") == ("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"})
+    assert cuda_provider("cuda:3")[1]["device_id"] == 3
+
+
+def cuda_provider_starts(model_dir):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=[cuda_provider("cuda")])
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_onnx_does_not_run_on_the_cpu_when_a_gpu_was_named(model_dir, tmp_path, monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider whenever it is installed, also where the CUDA libraries do not load
+    (this machine): the session would quietly run on the CPU, with the fp16 graph."""
+    if cuda_provider_starts(model_dir):
+        pytest.skip("ONNX Runtime's CUDA provider works here: test_gpu.py covers it")
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "model.onnx").symlink_to(model_dir / "model.onnx")
+    (entry / "model.fp16.onnx").symlink_to(model_dir / "model.onnx")   # stands in for the fp16 file
+    for device in ("cuda", "cuda:1"):   # named, as `auto` names it: refused, so auto leaves ONNX Runtime out
+        with pytest.raises(BackendError, match="CUDA provider did not start|no CUDAExecutionProvider"):
+            load_backend("onnx", entry, device)
+    # On a GPU machine without a device named, the same failure serves model.onnx on the CPU.
+    monkeypatch.setattr(serving.backends, "cuda_available", lambda: True)
+    backend = OnnxBackend(entry)
+    assert (backend.device, backend.precision) == ("cpu", "fp32")
+    assert backend.session.get_providers() == ["CPUExecutionProvider"]
+    options = backend.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (cpu_threads(), 1)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_tensorrt_needs_a_gpu(model_dir):
+    assert engine_mismatch(model_dir, "cuda:1") == "no TensorRT engine in the model"
+
+
+def test_every_model_thread_gets_cuda_graph_trees_of_its_own():
+    """torch before 2.13 keeps CUDA graph trees' state in the thread that imported them; a compiled call from another
+    thread (a second backend's model thread) failed and that backend served eager."""
+    from torch._inductor import cudagraph_trees as trees
+
+    def containers():
+        own_cudagraph_trees(torch)
+        return id(trees.get_obj(trees.local, "tree_manager_containers"))
+    mine = containers()
+    with concurrent.futures.ThreadPoolExecutor(1) as a, concurrent.futures.ThreadPoolExecutor(1) as b:
+        theirs = {a.submit(containers).result(), b.submit(containers).result()}
+        assert a.submit(containers).result() in theirs   # a thread that has them keeps them
+    assert len(theirs) == 2 and mine not in theirs and containers() == mine

@@ -297,6 +297,30 @@ def test_random_checkpoint_records_no_accuracy(tmp_path):
     assert ckpt["recipe"]["resolution"] == 64 and ckpt["metrics"] == {"epoch": 0}
 
 
+def test_tensorrt_profile_is_tuned_for_the_chunks_the_service_sends():
+    """The service calls an engine with chunks of GPU_CHUNK images and `auto` times it there: its optimisation
+    profile is tuned for that size (it was 64)."""
+    from export.__main__ import parse_args
+    from export.tensorrt import profile_shapes
+    from serving.backends import AUTO_BATCH, GPU_CHUNK, TorchBackend
+
+    assert GPU_CHUNK == 256 == AUTO_BATCH[True] == TorchBackend.BUCKETS[-1]
+    assert profile_shapes() == ((1, 32, 32, 3), (256, 32, 32, 3), (256, 32, 32, 3))
+    for command in ("tensorrt --onnx x.onnx", "all"):
+        args = parse_args(command.split())
+        assert (args.min_batch, args.opt_batch, args.max_batch) == (1, 256, 256)
+    import inspect
+
+    import export
+    for name in ("export_tensorrt", "export_all"):   # the package's functions, where they exist (issue 31)
+        if hasattr(export, name):
+            defaults = inspect.signature(getattr(export, name)).parameters
+            assert (defaults["opt_batch"].default, defaults["max_batch"].default) == (256, 256), name
+    assert profile_shapes(1, 16, 64)[1] == (16, 32, 32, 3)
+    with pytest.raises(ExportError, match="need 1 <= min-batch <= opt-batch <= max-batch, got 1, 512, 256"):
+        profile_shapes(1, 512, 256)
+
+
 # --- TensorRT (needs the tensorrt package and a CUDA GPU) ----------------------------------------
 
 @pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_SKIP}")

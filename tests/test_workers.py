@@ -77,6 +77,26 @@ def test_a_bound_worker_sees_exactly_its_gpu():
     assert count == "1" and gpu == visible
 
 
+def test_when_nvml_fails_cuda_counts_the_gpus(environ, monkeypatch, tmp_path):
+    """Without NVML (nvidia-ml-py missing, or its library failing) a GPU host still gets one worker per GPU, each
+    bound to its own, not one worker labelled "cpu"; without an NVIDIA driver nothing is started to ask."""
+    environ.pop("CUDA_VISIBLE_DEVICES", None)
+    monkeypatch.setitem(sys.modules, "pynvml", None)     # `import pynvml` fails
+    monkeypatch.setattr(devices, "NVIDIA_DRIVER", tmp_path)   # a driver is loaded
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 2)
+    assert devices.visible_gpus() == ["0", "1"] and devices.worker_count() == 2
+    assert devices.bind_worker(2, 2, cores=16) == {"gpu": "1", "device": "cuda:0"}
+    environ.pop("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(devices, "NVIDIA_DRIVER", tmp_path / "absent")
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: pytest.fail("asked CUDA without a driver"))
+    assert devices.visible_gpus() == [] and devices.bind_worker(1, 1, cores=2)["device"] == "cpu"
+
+
+def test_cuda_is_asked_in_a_child_process():
+    assert devices.cuda_device_count() == torch.cuda.device_count()
+    assert not torch.cuda.is_initialized()
+
+
 def test_readiness_needs_every_worker_running_and_statistics_add_up():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
