@@ -98,7 +98,8 @@ def main(argv=None):
     Image.fromarray(random_images(1)[0]).save(small, "PNG")
     small = small.getvalue()
 
-    with LocalServer(home, env, run_dir=tempfile.mkdtemp(prefix="decode-memory-", dir=out), ready_timeout=300) as server:
+    run_dir = tempfile.mkdtemp(prefix="decode-memory-", dir=out)
+    with LocalServer(home, env, run_dir=run_dir, ready_timeout=300) as server:
         url = f"{server.url}/classify"
         session = requests.Session()
         for _ in range(20):   # warm: the front's allocators, the model's first calls

@@ -23,6 +23,7 @@ from training.files import write_json
 MODES = ("RGB", "RGBA", "P", "L", "1", "I;16", "CMYK", "LA", "F")
 ANIMATED = ("GIF", "PNG", "TIFF", "WEBP")   # formats whose files may hold several frames
 SIDE = (23, 17)   # small, and odd: no format's block size divides it
+EXTREMES = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00")   # for 4-byte fields
 
 
 def seed_files(rng=None):
@@ -72,7 +73,7 @@ def mutate(data, rng):
         data[at:at] = data[start:start + rng.integers(1, 64)]
     elif kind == 3:
         at = rng.integers(max(1, len(data) - 4))
-        data[at:at + 4] = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00")[rng.integers(4)]
+        data[at:at + 4] = EXTREMES[rng.integers(len(EXTREMES))]
     else:
         data[rng.integers(len(data))] ^= 1 << rng.integers(8)
     return bytes(data)

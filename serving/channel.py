@@ -9,9 +9,9 @@ float32 N×100 logits back (OK), a JSON refusal (OVERLOADED: Overloaded's messag
 message (FAILED). Requests share one connection per worker and are answered as they finish, by id. Each payload is
 read straight into a buffer of its own, which becomes the array without a copy.
 
-The front sends only well-formed frames (uint8 N×32×32×3, 1 ≤ N ≤ CIFAR100_MAX_IMAGES: the request was checked before),
-and a frame the worker cannot take fails only its own request (FAILED), never the connection: the other requests in
-flight on it are not disturbed. A connection that breaks (a worker restarted) fails the requests in flight on it, and
+The front sends only well-formed frames (uint8 N×32×32×3, 1 ≤ N ≤ CIFAR100_MAX_IMAGES: the request was checked
+before), and a frame the worker cannot take fails only its own request (FAILED), never the connection: the other
+requests in flight on it are not disturbed. A connection that breaks (a worker restarted) fails the requests in flight on it, and
 each is sent once more; what the client hears of it names no socket or exception, the log does.
 """
 import asyncio

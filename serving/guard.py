@@ -107,7 +107,8 @@ class MultipartCheck:
         if b"filename" in options:
             self.files += 1
             if self.files > self.max_files:
-                raise InputError(f"images: more than {self.max_files} files (CIFAR100_MAX_IMAGES); split the batch", 413)
+                raise InputError(f"images: more than {self.max_files} files (CIFAR100_MAX_IMAGES); split the batch",
+                                 413)
         elif options.get(b"name") not in self.text_fields:
             name = options.get(b"name", b"").decode("latin-1")[:100]
             raise InputError(f"{name or 'a part without a name'}: a text field where files are expected; upload the "

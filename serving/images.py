@@ -1,7 +1,7 @@
 """Request payloads -> uint8 arrays, with an InputError (HTTP status + message) for everything malformed.
 
 Image files of any common format, size and mode become RGB 32×32 (Pillow). An upload is opened first (its header
-only: format, size, mode, frames), so that what decoding it will hold in memory (`decoded_bytes`) and how much work
+only: format, size, mode, whether it has several frames), so that what decoding it will hold in memory (`decoded_bytes`) and how much work
 it is (`cost`) are known, and admitted by the service, before any pixel is decoded. Decoding then holds one
 full-size copy at most: JPEG decodes at a reduced scale; other formats are decoded whole, then converted and
 box-reduced one tile at a time. Whatever Pillow raises on a broken file is a 400 naming the file.
@@ -49,14 +49,17 @@ REDUCED, TILE = 3 * IMAGE_SIZE, 512
 # freed) to the largest block freed so far. Pillow allocates an image in blocks of up to 16 MB, so after the first
 # large image they stayed in the decoding threads' arenas: 4 concurrent 40 Mpx PNGs left the front 240 MB larger
 # 10 s later (bench.decode_memory). A fixed threshold of 4 MB maps every large block on its own, returned when freed;
-# smaller ones (a 3 MB request body, a tile) are reused from the heap as before.
-MMAP_THRESHOLD, M_MMAP_THRESHOLD = 4 << 20, -3   # glibc's malloc.h
+# smaller ones (a 3 MB request body, a tile) are reused from the heap, which keeps up to TRIM_THRESHOLD free at its
+# top rather than hand it back and fault it in again for the next body (glibc raised both thresholds as it went).
+MMAP_THRESHOLD, TRIM_THRESHOLD = 4 << 20, 32 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's malloc.h
 
 
-def map_large_blocks(threshold=MMAP_THRESHOLD):
-    """Have malloc map every block of THRESHOLD bytes or more on its own; False where the C library is not glibc."""
+def map_large_blocks():
+    """Have malloc map every block of MMAP_THRESHOLD bytes or more on its own, and keep TRIM_THRESHOLD at the top of
+    its heaps; False where the C library is not glibc."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, threshold))
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 map_large_blocks()
@@ -123,9 +126,12 @@ class Upload:
         self.name = name
         with readable(name):
             if (pixels := icon_pixels(data)) and pixels > ICON_PIXELS:
-                raise InputError(f"{name}: an icon of {pixels} pixels; icons (ICO, CUR) are taken up to {ICON_PIXELS}", 413)
+                raise InputError(f"{name}: an icon of {pixels} pixels; icons (ICO, CUR) are taken up to {ICON_PIXELS}",
+                                 413)
             self.image = Image.open(io.BytesIO(data), formats=FORMATS)
-            self.frames = getattr(self.image, "n_frames", 1)
+            # Whether there is a second frame, not how many: counting walks every frame in Python, ~60 µs each
+            # (minutes for a 64 MB GIF of tiny frames)
+            self.animated = getattr(self.image, "is_animated", False)
             self.image.draft("RGB", (REDUCED, REDUCED))   # JPEG: decode at a reduced scale, much faster
             kind = self.image.format
             self.decoded_bytes = self.image.width * self.image.height * pixel_bytes(self.image.mode) * \
@@ -140,8 +146,7 @@ class Upload:
             if method := TRANSPOSE.get(image.getexif().get(ORIENTATION)):
                 small = small.transpose(method)
             array = np.asarray(small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
-        note = f"{self.frames} frames (animated or multipage); classified the first" if self.frames > 1 else None
-        return array, note
+        return array, "several frames (animated or multipage); classified the first" if self.animated else None
 
 
 def reduced_rgb(image):

@@ -364,25 +364,25 @@ class Classifier:
         """(array, note) for each image file. A few small ones decode here, in less CPU than a hand-off to a thread
         would cost. Others are opened in a thread (their headers only); what decoding the largest one will hold
         (they decode one after another) is admitted in the budget of bytes in flight, and the request's total work
-        against CIFAR100_MAX_DECODED_MB; then they decode in a thread, the requests with a large one taking turns, one per
-        core (more at once would only share the cores, and hold more memory)."""
+        against CIFAR100_MAX_DECODED_MB; then they decode in a thread, the requests with a large one taking turns,
+        one per core (more at once would only share the cores, and hold more memory)."""
         if (data := small_files(files)) is not None and quick_to_decode(data):
             return decode_images(data)
         uploads = await anyio.to_thread.run_sync(open_images, files)
         total, (largest, name) = sum(u.cost for u in uploads), max((u.decoded_bytes, u.name) for u in uploads)
         if total > MAX_DECODED_BYTES:
-            raise InputError(f"images: decoding these {len(uploads)} images is {total / 2**20:.0f} MB of work, over the "
-                             f"limit of {MAX_DECODED_BYTES / 2**20:.0f} MB per request (CIFAR100_MAX_DECODED_MB; a MB is "
-                             "one of decoded pixels, more for slow formats); send fewer or smaller images", 413)
+            raise InputError(f"images: decoding these {len(uploads)} images is {total / 2**20:.0f} MB of work, over "
+                             f"the limit of {MAX_DECODED_BYTES / 2**20:.0f} MB per request (CIFAR100_MAX_DECODED_MB; a "
+                             "MB is one of decoded pixels, more for slow formats); send fewer or smaller images", 413)
         if largest > BUDGET.room(largest):
             raise InputError(f"{name}: decoding it takes {largest / 2**20:.0f} MB, more than the service holds for "
                              "all requests in flight (CIFAR100_MAX_INFLIGHT_MB)", 413)
+        limiter = None
+        if largest > LARGE_DECODE_BYTES:
+            limiter = self.decoders = self.decoders or anyio.CapacityLimiter(cpu_cores())
         BUDGET.admit(largest, f"decoding {name} ({largest / 2**20:.0f} MB)")
         try:
-            if largest > LARGE_DECODE_BYTES and self.decoders is None:
-                self.decoders = anyio.CapacityLimiter(cpu_cores())
-            return await anyio.to_thread.run_sync(decode_uploads, uploads,
-                                                  limiter=self.decoders if largest > LARGE_DECODE_BYTES else None)
+            return await anyio.to_thread.run_sync(decode_uploads, uploads, limiter=limiter)
         finally:
             BUDGET.release(largest)
 

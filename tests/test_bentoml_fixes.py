@@ -91,7 +91,8 @@ def test_on_the_tested_version_everything_is_applied_once(unpatched):
     assert traffic.TimeoutMiddleware.__bases__ == (bentoml_middleware(),)   # wrapped once, not twice
     assert otel_asgi.OpenTelemetryMiddleware.__bases__ == (OTEL_MIDDLEWARE,)
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
-    assert ServiceAppFactory.api_endpoint.__wrapped__ is API_ENDPOINT and Request.form.__kwdefaults__["max_files"] == 4096
+    assert ServiceAppFactory.api_endpoint.__wrapped__ is API_ENDPOINT
+    assert Request.form.__kwdefaults__["max_files"] == 4096
     loaded = uvicorn.config.import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])   # what uvicorn's Config loads
     assert loaded.__bases__ == (HttpToolsProtocol,) and loaded.bounded_head
 

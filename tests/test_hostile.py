@@ -205,7 +205,7 @@ def test_fuzzed_images_through_the_server(server):
                                                                  ("images", (name, data))], timeout=30)):
             if response.status_code != 200:
                 refusal(response, response.status_code)
-                assert response.status_code in (400, 413) and "images[" in response.json()["error"], (name, response.text)
+                assert response.status_code in (400, 413) and "images[" in response.json()["error"], name
     assert alive(url)
 
 
@@ -321,8 +321,8 @@ def test_slow_and_oversized_clients_are_cut_off(server, case):
         "an 8 MB header": (b"GET /livez HTTP/1.1\r\nX-Big: " + b"a" * 8_000_000, 431, "CIFAR100_MAX_HEADER_KB", (0, 5)),
         "a stalled body": (head + b"Content-Length: 100000\r\n\r\n" + bytes(1000), 408, "CIFAR100_BODY_TIMEOUT_S",
                            (1.9, 5)),
-        "a body over the limit": (head + b"Content-Length: 100000000\r\n\r\n" + bytes(1000), 413, "CIFAR100_MAX_BODY_MB",
-                                  (0, 2)),
+        "a body over the limit": (head + b"Content-Length: 100000000\r\n\r\n" + bytes(1000), 413,
+                                  "CIFAR100_MAX_BODY_MB", (0, 2)),
         "a second request's head, half sent": (b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez HTTP/1.1\r\n", 408,
                                                "CIFAR100_HEADER_TIMEOUT_S", (0.9, 4)),
     }[case]
