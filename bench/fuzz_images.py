@@ -30,6 +30,7 @@ def seed_files(rng=None):
     """{name: bytes}: one small valid file per format and mode that Pillow writes and reads back here (a format
     writes some modes by converting them), plus a two-frame file of each animated format."""
     rng = rng or np.random.default_rng(0)
+    Image.init()   # every plugin, not only the common formats' (Image.OPEN and Image.SAVE fill as they load)
     rgb = Image.fromarray(rng.integers(0, 256, (SIDE[1], SIDE[0], 3), dtype=np.uint8))
     images = {"I;16": Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "F": rgb.convert("F"),
               **{mode: rgb.convert(mode) for mode in MODES if mode not in ("I;16", "F")}}
