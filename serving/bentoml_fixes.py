@@ -14,11 +14,13 @@ version (docs/bentoml-workarounds.md gives the symptom, the measurement, the ups
 6. Time: OpenTelemetry's ASGI middleware opened a span of its own for every message a request received or sent
    (a 3 MB body: ~50); each request keeps its one server span, and while tracing samples nothing, only its ids.
 7. Errors: a client's error in an API's input (a validation error, a form Starlette refuses, a client that hung up,
-   a refusal of the front's guard) was logged with a traceback, and some answered 500 or a JSON list; and Starlette's
-   form parser refused more than 1,000 files (a 500), below the service's own limit.
+   a refusal of the front's guard) was logged with a traceback, and some answered 500 or a JSON list; Starlette's
+   form parser refused more than 1,000 files (a 500), below the service's own limit; uvicorn's warnings were logged
+   twice.
 8. Slow and oversized clients: uvicorn, as BentoML runs it, waited for a request's head for ever and took headers of
    any size; the head must now be complete within a deadline (else 408, or a silent close if nothing came) and at
-   most so large (else 431). Also guarded by uvicorn's version (TESTED_UVICORN).
+   most so large (else 431); a request it cannot parse gets its 400 as JSON. Also guarded by uvicorn's version
+   (TESTED_UVICORN).
 """
 import asyncio
 import contextvars
@@ -67,6 +69,9 @@ def apply(max_body_bytes, max_files, header_timeout_s, max_header_bytes):
     if not hasattr(ServiceAppFactory.api_endpoint, "answers_client_errors"):
         ServiceAppFactory.api_endpoint = client_errors_answered(ServiceAppFactory.api_endpoint)
     Request.form.__kwdefaults__["max_files"] = max_files   # BentoML calls form() with Starlette's defaults
+    # BentoML's logging (configured before this module is imported) gives uvicorn.error a handler and lets it pass its
+    # records on to the root logger's same handler: every uvicorn warning was written twice.
+    logging.getLogger("uvicorn.error").propagate = False
     if uvicorn.__version__ == TESTED_UVICORN:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         HTTP_PROTOCOL = bounded_head(HttpToolsProtocol, header_timeout_s, max_header_bytes)
@@ -271,7 +276,8 @@ def bounded_head(base, timeout_s, max_bytes):
     from the first byte of each later request, the request line and headers must arrive within TIMEOUT_S (else 408
     and close; a connection that sent nothing is closed without a word) and take at most MAX_BYTES (else 431 and
     close). uvicorn itself waited for ever (only an idle connection after a response is closed, after 5 s) and took an
-    8 MB header."""
+    8 MB header. A request httptools cannot parse gets its 400 as {"error": ...} too (uvicorn's was plain text)."""
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
     class HttpToolsProtocol(base):
         bounded_head = True
@@ -293,11 +299,19 @@ def bounded_head(base, timeout_s, max_bytes):
         def data_received(self, data):
             if self.refused:
                 return
-            if self.head_timer is not None:
+            if self.head_timer is not None and self.head_bytes + len(data) > max_bytes:
+                # The head may pass the limit in this chunk: the parser gets up to the limit first (httptools refuses
+                # a head of its own accord somewhere past 64 KiB, with a plain 400).
+                cut = max(0, max_bytes - self.head_bytes) + 1
+                self.head_bytes += cut
+                super().data_received(data[:cut])
+                if self.head_timer is not None and not self.refused:   # and the head has not ended
+                    return self.refuse(431, f"request head over {max_bytes // 1024} KiB (CIFAR100_MAX_HEADER_KB)")
+                data = data[cut:]
+            elif self.head_timer is not None:
                 self.head_bytes += len(data)
-            super().data_received(data)
-            if self.head_timer is not None and self.head_bytes > max_bytes:
-                self.refuse(431, f"request head over {max_bytes // 1024} KiB (CIFAR100_MAX_HEADER_KB)")
+            if data and not self.refused:
+                super().data_received(data)
 
         def on_message_begin(self):
             super().on_message_begin()
@@ -330,19 +344,21 @@ def bounded_head(base, timeout_s, max_bytes):
             else:
                 self.refuse(408, f"request head not complete within {timeout_s:g} s (CIFAR100_HEADER_TIMEOUT_S)")
 
-        def refuse(self, status, why):
+        def send_400_response(self, msg):   # httptools could not parse the request (uvicorn has logged it)
+            self.refuse(400, msg, quiet=True)
+
+        def refuse(self, status, why, quiet=False):
             """Answer STATUS with {"error": WHY} and close, reading nothing more of this connection."""
             self.refused = True
             self.stop_head_timer()
-            log.info("refused a request head: %s", why)
+            if not quiet:
+                log.info("refused a request head: %s", why)
             body = json.dumps({"error": why}).encode()
-            head = [STATUS_LINES[status]] + [name + b": " + value + b"\r\n"
-                                             for name, value in self.server_state.default_headers]
+            head = [STATUS_LINE[status]] + [name + b": " + value + b"\r\n"
+                                            for name, value in self.server_state.default_headers]
             self.transport.write(b"".join([*head, b"content-type: application/json\r\ncontent-length: ",
                                            str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n", body]))
             self.transport.close()
 
     return HttpToolsProtocol
 
-
-STATUS_LINES = {408: b"HTTP/1.1 408 Request Timeout\r\n", 431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n"}

@@ -65,6 +65,7 @@ def unpatched(monkeypatch):
     monkeypatch.setattr(otel_asgi, "OpenTelemetryMiddleware", OTEL_MIDDLEWARE)
     monkeypatch.setattr(ServiceAppFactory, "api_endpoint", API_ENDPOINT)
     monkeypatch.setitem(Request.form.__kwdefaults__, "max_files", 1000)
+    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "propagate", True)
     for name in ("auto", "httptools"):
         monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, name, "uvicorn.protocols.http.auto:AutoHTTPProtocol")
     monkeypatch.setattr(bentoml_fixes, "applied", False)
@@ -93,6 +94,7 @@ def test_on_the_tested_version_everything_is_applied_once(unpatched):
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
     assert ServiceAppFactory.api_endpoint.__wrapped__ is API_ENDPOINT
     assert Request.form.__kwdefaults__["max_files"] == 4096
+    assert not logging.getLogger("uvicorn.error").propagate
     loaded = uvicorn.config.import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])   # what uvicorn's Config loads
     assert loaded.__bases__ == (HttpToolsProtocol,) and loaded.bounded_head
 

@@ -310,7 +310,7 @@ def status_and_error(answer):
 
 
 @pytest.mark.parametrize("case", ["half a head", "nothing", "a 70 KiB header", "an 8 MB header", "a stalled body",
-                                  "a body over the limit", "a second request's head, half sent"])
+                                  "a body over the limit", "a second request's head, half sent", "not HTTP"])
 def test_slow_and_oversized_clients_are_cut_off(server, case):
     url, _ = server
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -325,6 +325,7 @@ def test_slow_and_oversized_clients_are_cut_off(server, case):
                                   "CIFAR100_MAX_BODY_MB", (0, 2)),
         "a second request's head, half sent": (b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez HTTP/1.1\r\n", 408,
                                                "CIFAR100_HEADER_TIMEOUT_S", (0.9, 4)),
+        "not HTTP": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100), 400, "Invalid HTTP request", (0, 2)),
     }[case]
     answer, seconds = exchange(url, sent)
     assert within[0] <= seconds <= within[1], (seconds, answer[:300])   # then the server closed the connection
@@ -371,4 +372,5 @@ def test_refusals_left_no_traceback_and_no_error_in_the_log(server):
     text = log()
     assert "Traceback" not in text and "[ERROR]" not in text and "Exception in ASGI" not in text
     warnings = [line for line in text.splitlines() if "[WARNING]" in line]
-    assert all("refused" in line for line in warnings), warnings[:5]
+    assert all("refused" in line or "Invalid HTTP request received" in line for line in warnings), warnings[:5]
+    assert text.count("Invalid HTTP request received") == 1   # the one request that was not HTTP, logged once
