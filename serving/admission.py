@@ -3,8 +3,10 @@ request gets when there is no room (503, a message naming the limit and its sett
 
 Memory then grows with the work the model can do, not with the number of clients: a request's bytes
 (Content-Length, counted before its body is read; without one, the largest body allowed) are reserved when it
-arrives and released when it has been answered. Requests of at most SMALL_BYTES (an image or a few, a small
-batch) may also use a reserve that bulk uploads cannot, so interactive traffic gets through a burst of uploads.
+arrives and released when it has been answered. Decoding images holds memory too: what decoding a request's
+largest image will hold (known from its header, serving/images.py) is reserved in the same budget while it decodes.
+Requests of at most SMALL_BYTES (an image or a few, a small batch) may also use a reserve that bulk uploads cannot,
+so interactive traffic gets through a burst of uploads.
 """
 import collections
 import math
@@ -30,11 +32,21 @@ class ByteBudget:
         self.limit, self.reserve, self.in_flight, self.clock = limit, reserve, 0, clock
         self.answered = collections.deque()   # (time, bytes) of the requests answered in the last DRAIN_WINDOW_S
 
-    def admit(self, nbytes):
-        """Take nbytes of the budget, or raise Overloaded."""
-        room = self.limit if nbytes <= SMALL_BYTES else self.limit - self.reserve
+    @classmethod
+    def for_requests(cls, limit, largest):
+        """A budget of LIMIT bytes whose small requests keep a tenth of it (at least 16 MB) that bulk uploads cannot
+        take, as long as a request of the LARGEST size still fits."""
+        return cls(limit, min(max(limit // 10, 16 << 20), limit - largest))
+
+    def room(self, nbytes):
+        """The most that may be in flight once nbytes more are admitted."""
+        return self.limit if nbytes <= SMALL_BYTES else self.limit - self.reserve
+
+    def admit(self, nbytes, what="this one"):
+        """Take nbytes of the budget, or raise Overloaded (WHAT names what would pass the limit)."""
+        room = self.room(nbytes)
         if self.in_flight + nbytes > room:
-            raise Overloaded(f"server busy: {self.in_flight / 2**20:.0f} MB of requests in flight, this one would pass "
+            raise Overloaded(f"server busy: {self.in_flight / 2**20:.0f} MB of requests in flight, {what} would pass "
                              f"the limit of {room / 2**20:.0f} MB for requests of its size (CIFAR100_MAX_INFLIGHT_MB); "
                              "retry later", self.seconds_to_free(self.in_flight + nbytes - room))
         self.in_flight += nbytes

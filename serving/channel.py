@@ -8,6 +8,11 @@ A frame is a header (request id, status, payload bytes), then the payload: uint8
 float32 N×100 logits back (OK), a JSON refusal (OVERLOADED: Overloaded's message and retry_after), or an error
 message (FAILED). Requests share one connection per worker and are answered as they finish, by id. Each payload is
 read straight into a buffer of its own, which becomes the array without a copy.
+
+The front sends only well-formed frames (uint8 N×32×32×3, 1 ≤ N ≤ CIFAR100_MAX_IMAGES: the request was checked
+before), and a frame the worker cannot take fails only its own request (FAILED), never the connection: the other
+requests in flight on it are not disturbed. A connection that breaks (a worker restarted) fails the requests in flight on it, and
+each is sent once more; what the client hears of it names no socket or exception, the log does.
 """
 import asyncio
 import itertools
@@ -33,31 +38,38 @@ class ModelError(Exception):
 
 
 class Frames(asyncio.BufferedProtocol):
-    """Reads frames, each payload into a bytearray of its own, and hands them to on_frame(id, status, payload)."""
+    """Reads frames, each payload into a bytearray of its own, and hands them to on_frame(id, status, payload). The
+    payload of a frame over max_bytes is read past, not kept, and handed over as None."""
 
     def __init__(self, on_frame, max_bytes, on_lost=None):
         self.on_frame, self.max_bytes, self.on_lost = on_frame, max_bytes, on_lost
         self.header, self.payload, self.filled = bytearray(HEADER.size), None, 0
-        self.transport = None
+        self.transport, self.skipping, self.scratch = None, 0, None
 
     def connection_made(self, transport):
         self.transport = transport
 
     def get_buffer(self, sizehint):
+        if self.skipping:
+            return memoryview(self.scratch)[:self.skipping]
         return memoryview(self.header if self.payload is None else self.payload)[self.filled:]
 
     def buffer_updated(self, nbytes):
+        if self.skipping:
+            self.skipping -= nbytes
+            if not self.skipping:
+                self.on_frame(self.id, self.status, None)
+            return
         self.filled += nbytes
         if self.payload is None:
             if self.filled < HEADER.size:
                 return
             self.id, self.status, size = HEADER.unpack(self.header)
+            self.filled = 0
             if size > self.max_bytes:
-                log.error("model channel: a frame of %d bytes, over the %d allowed; closing the connection", size,
-                          self.max_bytes)
-                self.transport.close()
+                self.skipping, self.scratch = size, self.scratch or bytearray(1 << 16)
                 return
-            self.payload, self.filled = bytearray(size), 0
+            self.payload = bytearray(size)
         if self.filled == len(self.payload):
             payload, self.payload, self.filled = self.payload, None, 0
             self.on_frame(self.id, self.status, payload)
@@ -93,6 +105,11 @@ async def serve(path, predict, max_images):
 
     def connection():
         def on_frame(request_id, _, payload):
+            if payload is None:   # over the size this worker takes: that request fails, the others go on
+                log.error("model channel: a frame over the %d bytes allowed; refused", frames.max_bytes)
+                if not frames.transport.is_closing():
+                    frames.send(request_id, FAILED, f"a frame over the {frames.max_bytes} bytes allowed".encode())
+                return
             task = loop.create_task(answer(frames, request_id, payload))
             answering.add(task)
             task.add_done_callback(answering.discard)
@@ -166,11 +183,13 @@ class ModelChannel:
     """The front's connections to the Model workers listening on PATHS. Each request goes to the worker with the
     fewest requests in flight, skipping for DOWN_S one that could not be reached while another can. A request whose
     connection breaks (its worker restarted) is sent once more, on a new one (model calls are idempotent); when that
-    fails too, it is refused with 503 and Retry-After."""
+    fails too, it is refused with 503 and Retry-After. Only batches of 1 to MAX_IMAGES uint8 N×32×32×3 images are
+    sent (ValueError for anything else: the request should have been refused before)."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, max_images=None):
         self.lines = {path: Line(path) for path in paths}
         self.down_until = dict.fromkeys(paths, 0.0)
+        self.max_images = max_images
 
     def line(self):
         for path, line in self.lines.items():
@@ -181,6 +200,10 @@ class ModelChannel:
         return min(up or self.lines.values(), key=lambda line: len(line.pending))
 
     async def __call__(self, images):
+        if not (isinstance(images, np.ndarray) and images.dtype == IMAGE_DTYPE and images.shape[1:] == IMAGE_SHAPE
+                and 1 <= len(images) <= (self.max_images or len(images))):
+            raise ValueError(f"not a batch for the model workers: {getattr(images, 'dtype', type(images))} "
+                             f"{getattr(images, 'shape', '')}")
         for attempt in (1, 2):
             line = self.line()
             try:
@@ -188,5 +211,6 @@ class ModelChannel:
             except ConnectionError as e:
                 self.down_until[line.path] = time.monotonic() + DOWN_S
                 if attempt == 2:
-                    raise Overloaded(f"no model worker available ({e}); retry later", 1) from None
+                    log.warning("model channel: %s; refused", e)
+                    raise Overloaded("no model worker available; retry later", 1) from None
                 log.warning("model channel: %s; retrying once", e)

@@ -12,7 +12,8 @@ CIFAR100_PROCESSES=1 the front holds the model and its batcher itself.
 
 Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
 CIFAR100_MAX_BATCH_SIZE, CIFAR100_MAX_LATENCY_MS, CIFAR100_MAX_IMAGES, CIFAR100_MAX_BODY_MB,
-CIFAR100_MAX_INFLIGHT_MB, CIFAR100_WORKERS, CIFAR100_PROCESSES, CIFAR100_MODEL_WORKERS, CIFAR100_MAX_PIXELS,
+CIFAR100_MAX_INFLIGHT_MB, CIFAR100_MAX_DECODED_MB, CIFAR100_HEADER_TIMEOUT_S, CIFAR100_BODY_TIMEOUT_S,
+CIFAR100_MAX_HEADER_KB, CIFAR100_WORKERS, CIFAR100_PROCESSES, CIFAR100_MODEL_WORKERS, CIFAR100_MAX_PIXELS,
 CIFAR100_API_TOKEN(_FILE).
 """
 import asyncio
@@ -28,16 +29,18 @@ import bentoml
 import fastapi
 import numpy as np
 import pydantic
+from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
 from serving import access, bentoml_fixes, channel, devices, workers
-from serving.admission import Overloaded
+from serving.admission import ByteBudget, Overloaded
 from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
 from serving.backends import cpu_cores, load_backend
 from serving.batching import Batcher
 from serving.guard import RequestGuard, error
-from serving.images import InputError, decode_images, quick_to_decode, read_npy
+from serving.images import (InputError, decode_images, decode_uploads, open_images, quick_to_decode, read_npy,
+                            small_files)
 from training.contract import MODEL_NAME, blank_images
 
 log = logging.getLogger("bentoml.service")
@@ -54,15 +57,23 @@ MAX_INFLIGHT_BYTES = int(float(os.environ.get("CIFAR100_MAX_INFLIGHT_MB", 256)) 
 if MAX_INFLIGHT_BYTES < MAX_BODY_BYTES:
     raise ValueError(f"CIFAR100_MAX_INFLIGHT_MB ({MAX_INFLIGHT_BYTES / 2**20:g}) must be at least CIFAR100_MAX_BODY_MB "
                      f"({MAX_BODY_BYTES / 2**20:g}): the largest request allowed would never fit")
+MAX_DECODED_BYTES = int(float(os.environ.get("CIFAR100_MAX_DECODED_MB", 1024)) * 2**20)
+HEADER_TIMEOUT_S = float(os.environ.get("CIFAR100_HEADER_TIMEOUT_S", 5))
+BODY_TIMEOUT_S = float(os.environ.get("CIFAR100_BODY_TIMEOUT_S", 10))
+MAX_HEADER_BYTES = int(float(os.environ.get("CIFAR100_MAX_HEADER_KB", 64)) * 2**10)
 WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
 API_TOKEN = access.api_token()   # None: anyone who reaches the port may call (serving/access.py)
-bentoml_fixes.apply(MAX_BODY_BYTES)   # before BentoML builds the apps of this module's services
+# Before BentoML builds the apps of this module's services, and uvicorn its HTTP protocol.
+bentoml_fixes.apply(MAX_BODY_BYTES, MAX_IMAGES, HEADER_TIMEOUT_S, MAX_HEADER_BYTES)
+# Request bytes in flight: bodies (serving/guard.py) and what decoding images holds (Classifier.decode).
+BUDGET = ByteBudget.for_requests(MAX_INFLIGHT_BYTES, MAX_BODY_BYTES)
 # 2: an HTTP front process and a model process (the front's parsing never competes with the model for its GIL;
 # the model process is the unit the scale-out builds on); 1: the front runs the model (no second hop).
 PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
 MODEL_WORKERS = devices.worker_count(os.environ.get("CIFAR100_MODEL_WORKERS"))   # one per visible GPU by default
 SMALL_BATCH = 16      # requests of up to this many images queue apart and go first (serving/batching.py)
 INLINE_CALL_S = 0.001  # CPU model calls expected to be shorter run on the event loop (serving/batching.py)
+LARGE_DECODE_BYTES = 16 << 20   # requests whose largest image decodes to more take turns, one per core (decode)
 
 
 @functools.cache
@@ -173,6 +184,12 @@ def softmax(logits):
 routes = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
+@routes.exception_handler(HTTPException)
+async def http_error(request, e):
+    """FastAPI's refusals (a 405 on /info, ...) in the service's shape: {"error": ...}."""
+    return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+
 @routes.get("/info", response_model=InfoAnswer, tags=["Service APIs"])
 async def info():
     """The served model (tag and metadata: part, classes, accuracy, artifacts), the backend, device and precision,
@@ -220,10 +237,12 @@ raw_routes = Router([Route("/classify_batch", classify_raw_npy, methods=["POST"]
                      Route("/classify", classify_raw_image, methods=["POST"])])
 
 
-ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, ...)",
-          413: "too many images, too many pixels, or too large a body",
+ERRORS = {400: "bad input (not an image, not an .npy, a malformed body, a text field where files are expected, ...)",
+          405: "a method other than POST",
+          408: "the request's body stalled",
+          413: "too many images, too many pixels, too much to decode, or too large a body",
           415: "a Content-Type the endpoint does not take",
-          503: "the model is busy: the request would wait too long"}
+          503: "the service is busy: the request would wait too long, or pass the memory budget"}
 bentoml_fixes.document_errors("/classify", ERRORS)
 bentoml_fixes.document_errors("/classify_batch", {**ERRORS, 422: "an array of the wrong dtype or shape"})
 bentoml_fixes.document_raw_body("/classify", "image/*", "one image file as the whole body (Content-Type image/png, "
@@ -241,10 +260,10 @@ class Classifier:
         model = bentoml.depends(Model)
 
     def __init__(self):
-        self.classes, self.ready = None, False
+        self.classes, self.ready, self.decoders = None, False, None
         self.host = ModelHost(self.model_ref) if PROCESSES == 1 else None   # the front runs the model itself
         self.channel = None if self.host else \
-            channel.ModelChannel([str(workers.socket_path(i)) for i in range(1, MODEL_WORKERS + 1)])
+            channel.ModelChannel([str(workers.socket_path(i)) for i in range(1, MODEL_WORKERS + 1)], MAX_IMAGES)
 
     async def _call_model(self, api, *args):
         """A call to the Model process (every Model API is idempotent)."""
@@ -307,8 +326,8 @@ class Classifier:
         """The answer to /classify_batch for the bytes of an .npy file: the class ids (and the probabilities)."""
         try:
             logits = await self._predict(read_npy(data, MAX_IMAGES))
-        except (InputError, Overloaded) as e:
-            return refused(e, "/classify_batch")
+        except (InputError, Overloaded, channel.ModelError) as e:
+            return failed(e, "/classify_batch")
         return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
                                   probabilities=softmax(logits).tolist() if probabilities else None))
 
@@ -330,12 +349,10 @@ class Classifier:
             if len(files) > MAX_IMAGES:
                 raise InputError(f"images: {len(files)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)",
                                  413)
-            # A few small images decode here, in less CPU than a hand-off to a thread would cost; others off the loop.
-            decoded = decode_images(files) if quick_to_decode(files) else \
-                await anyio.to_thread.run_sync(decode_images, files)
+            decoded = await self.decode(files)
             probs = softmax(await self._predict(np.stack([array for array, _ in decoded])))
-        except (InputError, Overloaded) as e:
-            return refused(e, "/classify")
+        except (InputError, Overloaded, channel.ModelError) as e:
+            return failed(e, "/classify")
         classes = await self._class_names()
         predictions = []
         for p, (_, note) in zip(probs, decoded):
@@ -343,13 +360,44 @@ class Classifier:
             predictions.append(Prediction(**top5[0].model_dump(), top5=top5, note=note))
         return answer(ClassifyAnswer(predictions=predictions))
 
+    async def decode(self, files):
+        """(array, note) for each image file. A few small ones decode here, in less CPU than a hand-off to a thread
+        would cost. Others are opened in a thread (their headers only); what decoding the largest one will hold
+        (they decode one after another) is admitted in the budget of bytes in flight, and the request's total work
+        against CIFAR100_MAX_DECODED_MB; then they decode in a thread, the requests with a large one taking turns,
+        one per core (more at once would only share the cores, and hold more memory)."""
+        if (data := small_files(files)) is not None and quick_to_decode(data):
+            return decode_images(data)
+        uploads = await anyio.to_thread.run_sync(open_images, files)
+        total, (largest, name) = sum(u.cost for u in uploads), max((u.decoded_bytes, u.name) for u in uploads)
+        if total > MAX_DECODED_BYTES:
+            raise InputError(f"images: decoding these {len(uploads)} images is {total / 2**20:.0f} MB of work, over "
+                             f"the limit of {MAX_DECODED_BYTES / 2**20:.0f} MB per request (CIFAR100_MAX_DECODED_MB; a "
+                             "MB is one of decoded pixels, more for slow formats); send fewer or smaller images", 413)
+        if largest > BUDGET.room(largest):
+            raise InputError(f"{name}: decoding it takes {largest / 2**20:.0f} MB, more than the service holds for "
+                             "all requests in flight (CIFAR100_MAX_INFLIGHT_MB)", 413)
+        limiter = None
+        if largest > LARGE_DECODE_BYTES:
+            limiter = self.decoders = self.decoders or anyio.CapacityLimiter(cpu_cores())
+        BUDGET.admit(largest, f"decoding {name} ({largest / 2**20:.0f} MB)")
+        try:
+            return await anyio.to_thread.run_sync(decode_uploads, uploads, limiter=limiter)
+        finally:
+            BUDGET.release(largest)
 
-def refused(e, kind):
-    """The answer to a request refused with InputError or Overloaded; a shed request is one WARNING line."""
+
+def failed(e, kind):
+    """The answer to a request that failed: refused with InputError or Overloaded (a shed request is one WARNING
+    line), or failed by the model worker (ModelError: 500 and one ERROR line; the worker logged the traceback)."""
+    if isinstance(e, channel.ModelError):
+        log.error("%s: the model failed: %s", kind, e)
+        return JSONResponse({"error": "the model failed on this request (the server log has the details)"},
+                            status_code=500)
     if isinstance(e, Overloaded):
         log.warning("refused %s: %s", kind, e)
     return error(e)
 
 
-Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, inflight_bytes=MAX_INFLIGHT_BYTES,
-                                token=API_TOKEN, raw_app=raw_routes)
+Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, budget=BUDGET, max_files=MAX_IMAGES,
+                                body_timeout_s=BODY_TIMEOUT_S, token=API_TOKEN, raw_app=raw_routes)

@@ -1,10 +1,13 @@
 """serving/bentoml_fixes.py: applied only on the BentoML version it was written for; the per-request timeout must
 not keep a finished request's state alive; response media types are not worked out anew for every response; a
 call whose pooled connection closed is retried once; a request is traced with one span, not one per message, and
-with none while tracing samples nothing, yet keeps its ids."""
+with none while tracing samples nothing, yet keeps its ids; a client's errors are answered as {"error": ...} without a
+traceback, a real error still goes to BentoML. (The bounded request head is tested on a real server:
+tests/test_hostile.py.)"""
 import asyncio
 import contextvars
 import gc
+import json
 import logging
 import time
 import weakref
@@ -12,7 +15,10 @@ import weakref
 import aiohttp
 import bentoml
 import numpy as np
+import pydantic
 import pytest
+import uvicorn.config
+from _bentoml_impl.server.app import ServiceAppFactory
 from _bentoml_sdk import io_models
 from _bentoml_sdk.io_models import IODescriptor
 import opentelemetry.instrumentation.asgi as otel_asgi
@@ -22,9 +28,13 @@ from bentoml._internal.utils.telemetry import ParentBasedTraceIdRatio
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving import bentoml_fixes
+from serving.images import InputError
 
 REQUEST = contextvars.ContextVar("request")   # as BentoML keeps a request's context: in contextvars
 
@@ -41,6 +51,24 @@ OURS = bentoml_fixes.timeout_middleware(bentoml_middleware())
 OTEL_MIDDLEWARE = otel_asgi.OpenTelemetryMiddleware
 while getattr(OTEL_MIDDLEWARE, "one_span_per_request", False):   # OpenTelemetry's own, even after apply()
     OTEL_MIDDLEWARE = OTEL_MIDDLEWARE.__bases__[0]
+API_ENDPOINT = ServiceAppFactory.api_endpoint
+while getattr(API_ENDPOINT, "answers_client_errors", False):   # BentoML's own, even after apply()
+    API_ENDPOINT = API_ENDPOINT.__wrapped__
+LIMITS = dict(max_files=4096, header_timeout_s=5, max_header_bytes=64 << 10)
+
+
+@pytest.fixture
+def unpatched(monkeypatch):
+    """Everything apply() changes, as BentoML, Starlette and uvicorn have it, and restored after the test."""
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
+    monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
+    monkeypatch.setattr(otel_asgi, "OpenTelemetryMiddleware", OTEL_MIDDLEWARE)
+    monkeypatch.setattr(ServiceAppFactory, "api_endpoint", API_ENDPOINT)
+    monkeypatch.setitem(Request.form.__kwdefaults__, "max_files", 1000)
+    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "propagate", True)
+    for name in ("auto", "httptools"):
+        monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, name, "uvicorn.protocols.http.auto:AutoHTTPProtocol")
+    monkeypatch.setattr(bentoml_fixes, "applied", False)
 
 
 def test_the_installed_bentoml_is_the_version_the_fixes_were_written_for():
@@ -48,26 +76,84 @@ def test_the_installed_bentoml_is_the_version_the_fixes_were_written_for():
     assert bentoml.__version__ == bentoml_fixes.TESTED_VERSION
 
 
-def test_on_another_version_nothing_is_applied_and_one_warning_says_so(monkeypatch, caplog):
+def test_on_another_version_nothing_is_applied_and_one_warning_says_so(monkeypatch, caplog, unpatched):
     monkeypatch.setattr(bentoml, "__version__", "1.9.0")
-    monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
-    monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
-    monkeypatch.setattr(bentoml_fixes, "applied", False)
     with caplog.at_level(logging.WARNING, logger="bentoml.service"):
-        assert bentoml_fixes.apply(64 * 2**20) is False
+        assert bentoml_fixes.apply(64 * 2**20, **LIMITS) is False
     assert traffic.TimeoutMiddleware is bentoml_middleware() and MultiPartParser.spool_max_size == 1024 * 1024
+    assert ServiceAppFactory.api_endpoint is API_ENDPOINT and Request.form.__kwdefaults__["max_files"] == 1000
+    assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
     (record,) = caplog.records
     assert "written for BentoML 1.4.40, this is 1.9.0" in record.getMessage()
 
 
-def test_on_the_tested_version_everything_is_applied_once(monkeypatch):
-    monkeypatch.setattr(traffic, "TimeoutMiddleware", bentoml_middleware())
-    monkeypatch.setattr(MultiPartParser, "spool_max_size", 1024 * 1024)
-    monkeypatch.setattr(otel_asgi, "OpenTelemetryMiddleware", OTEL_MIDDLEWARE)
-    assert bentoml_fixes.apply(5 * 2**20) and bentoml_fixes.apply(5 * 2**20)
+def test_on_the_tested_version_everything_is_applied_once(unpatched):
+    assert bentoml_fixes.apply(5 * 2**20, **LIMITS) and bentoml_fixes.apply(5 * 2**20, **LIMITS)
     assert traffic.TimeoutMiddleware.__bases__ == (bentoml_middleware(),)   # wrapped once, not twice
     assert otel_asgi.OpenTelemetryMiddleware.__bases__ == (OTEL_MIDDLEWARE,)
     assert MultiPartParser.spool_max_size == 5 * 2**20 and hasattr(io_models.IOMixin.mime_type, "uncached")
+    assert ServiceAppFactory.api_endpoint.__wrapped__ is API_ENDPOINT
+    assert Request.form.__kwdefaults__["max_files"] == 4096
+    assert not logging.getLogger("uvicorn.error").propagate
+    loaded = uvicorn.config.import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])   # what uvicorn's Config loads
+    assert loaded.__bases__ == (HttpToolsProtocol,) and loaded.bounded_head
+
+
+def test_on_another_uvicorn_the_head_is_not_bounded_and_one_warning_says_so(monkeypatch, caplog, unpatched):
+    monkeypatch.setattr(uvicorn, "__version__", "9.0.0")
+    with caplog.at_level(logging.WARNING, logger="bentoml.service"):
+        assert bentoml_fixes.apply(5 * 2**20, **LIMITS)
+    assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
+    (record,) = caplog.records
+    assert "written for uvicorn 0.54.0, this is 9.0.0" in record.getMessage()
+
+
+class FakeURL:
+    path = "/classify"
+
+
+class FakeRequest:
+    url = FakeURL()
+
+
+def answer_to(error, caplog):
+    """What the wrapped api_endpoint answers when BentoML's own raises ERROR, and what it logged."""
+    async def endpoint(self, name, request):
+        raise error
+    with caplog.at_level(logging.INFO):
+        response = asyncio.run(bentoml_fixes.client_errors_answered(endpoint)(None, "classify", FakeRequest()))
+    return response.status_code, json.loads(response.body), [r for r in caplog.records if r.name.startswith("bentoml")]
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (InputError("images[1]: not an image", 400), 400, "images[1]: not an image"),
+    (InputError("images: more than 64 files (CIFAR100_MAX_IMAGES)", 413), 413, "more than 64 files"),
+    (HTTPException(400, "Too many fields. Maximum number of fields is 1000."), 400, "multipart form: Too many fields"),
+    (bentoml.exceptions.BadInput("Connection blocked due to insecure input URL"), 400, "insecure input URL")])
+def test_a_client_error_is_answered_as_json_without_a_log_line(caplog, error, status, message):
+    answered, body, logged = answer_to(error, caplog)
+    assert answered == status and message in body["error"] and isinstance(body, dict)   # BentoML's: a JSON list
+    assert logged == []
+
+
+def test_a_validation_error_keeps_bentoml_answer_and_a_hang_up_is_one_line(caplog):
+    class Input(pydantic.BaseModel):
+        images: list[int]
+    with pytest.raises(pydantic.ValidationError) as invalid:
+        Input.model_validate({})
+    status, body, logged = answer_to(invalid.value, caplog)
+    assert status == 400 and body["error"] == "1 validation error for Input" and body["detail"][0]["loc"] == ["images"]
+    assert logged == []
+    status, body, logged = answer_to(ClientDisconnect(), caplog)
+    assert status == 400 and len(logged) == 1 and "hung up" in logged[0].getMessage() and not logged[0].exc_info
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("a bug"), bentoml.exceptions.InternalServerError("broken")])
+def test_a_real_error_still_goes_to_bentoml_which_logs_its_traceback(error):
+    async def endpoint(self, name, request):
+        raise error
+    with pytest.raises(type(error)):
+        asyncio.run(bentoml_fixes.client_errors_answered(endpoint)(None, "classify", FakeRequest()))
 
 
 class StartedSpans(SpanProcessor):
@@ -203,11 +289,11 @@ def test_an_app_that_fails_before_answering_fails_at_once_not_after_the_timeout(
     assert time.monotonic() - start < 5
 
 
-def test_media_types_are_worked_out_once_per_class(monkeypatch):
+def test_media_types_are_worked_out_once_per_class(monkeypatch, unpatched):
     def predict(self) -> np.ndarray: ...
     spec = IODescriptor.from_output(predict)   # what BentoML makes of Model.predict's return type
     expected = getattr(io_models.IOMixin.mime_type, "uncached", io_models.IOMixin.mime_type.__func__)(spec)
-    bentoml_fixes.apply(2**20)
+    bentoml_fixes.apply(2**20, **LIMITS)
     assert spec.mime_type() == expected == "application/json"
     calls = []
     monkeypatch.setattr(spec, "model_json_schema", classmethod(lambda cls, *a, **k: calls.append(1) or {}))

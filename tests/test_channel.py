@@ -158,11 +158,12 @@ def test_a_request_whose_worker_dies_is_sent_again_to_its_successor(tmp_path):
                 worker.kill()
 
 
-def test_no_worker_listening_is_a_refusal_with_retry_after(tmp_path):
+def test_no_worker_listening_is_a_refusal_with_retry_after(tmp_path, caplog):
     front = channel.ModelChannel([str(tmp_path / "nobody.sock")])
-    with pytest.raises(Overloaded, match="no model worker available .*cannot reach the model worker") as refused:
+    with pytest.raises(Overloaded, match="^no model worker available; retry later$") as refused:
         asyncio.run(front(random_images(1)))
-    assert refused.value.retry_after == 1
+    assert refused.value.retry_after == 1   # the client hears no socket path; the log says what happened
+    assert "cannot reach the model worker at" in caplog.records[-1].getMessage() and "nobody.sock" in caplog.text
 
 
 def test_requests_spread_over_workers_by_what_each_has_in_flight(tmp_path):
@@ -187,17 +188,50 @@ def test_requests_spread_over_workers_by_what_each_has_in_flight(tmp_path):
     assert seen == {paths[0]: 5, paths[1]: 5}
 
 
-def test_a_worker_closes_a_connection_that_sends_a_frame_larger_than_it_takes(tmp_path):
+def test_a_frame_larger_than_the_worker_takes_fails_alone(tmp_path):
+    # It used to close the connection, and with it every request in flight on it (503s for innocent clients).
     path = str(tmp_path / "m.sock")
 
     async def main():
         server = await channel.serve(path, slow_model, max_images=4)
         line = channel.Line(path)
-        with pytest.raises(ConnectionError, match="closed the connection"):
+        batches = [random_images(n, seed=n) for n in (1, 2, 3, 4)]
+        others = [asyncio.ensure_future(line(images)) for images in batches]
+        with pytest.raises(channel.ModelError, match="a frame over the 12288 bytes allowed"):
             await line(random_images(5))
+        answers = await asyncio.gather(*others)
+        assert not line.broken()   # the same connection carries on
+        again = await line(batches[0])
+        server.close()
+        return batches, answers, again
+
+    batches, answers, again = asyncio.run(main())
+    for images, logits in zip(batches, answers):
+        np.testing.assert_array_equal(logits, logits_of(images))
+    np.testing.assert_array_equal(again, logits_of(batches[0]))
+
+
+@pytest.mark.parametrize("batch", [np.zeros((0, 32, 32, 3), np.uint8), np.zeros((5, 32, 32, 3), np.uint8),
+                                   np.zeros((2, 32, 32, 3), np.float32), np.zeros((2, 3, 32, 32), np.uint8),
+                                   np.zeros((2, 32, 32), np.uint8)])
+def test_the_front_sends_only_batches_the_workers_take(tmp_path, batch):
+    path = str(tmp_path / "m.sock")
+    sent = []
+
+    async def model(images):
+        sent.append(images)
+        return logits_of(images)
+
+    async def main():
+        server = await channel.serve(path, model, max_images=4)
+        front = channel.ModelChannel([path], max_images=4)
+        with pytest.raises(ValueError, match="not a batch for the model workers"):
+            await front(batch)
+        await front(random_images(4))
         server.close()
 
     asyncio.run(main())
+    assert len(sent) == 1
 
 
 def test_a_worker_that_cannot_be_reached_is_left_alone_while_another_answers(tmp_path, caplog):
