@@ -17,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from serving import devices, workers
+from serving import devices, settings, workers
 from training.checkpoint import load_classifier
 from training.contract import npy_bytes
 
@@ -37,18 +37,18 @@ def one_image():
 def test_worker_count_is_one_per_visible_gpu_unless_set(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
     assert devices.visible_gpus() == ["2", "5", "7"] and devices.worker_count() == 3
-    assert devices.worker_count("2") == 2
-    with pytest.raises(ValueError, match="at least 1"):
-        devices.worker_count("0")
+    assert devices.worker_count(2) == 2   # CIFAR100_MODEL_WORKERS (at least 1: tests/test_settings.py)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")   # CUDA's way of saying "no GPU"
     assert devices.visible_gpus() == [] and devices.worker_count() == 1
 
 
 @pytest.fixture
 def environ(monkeypatch):
-    """A copy of the environment for bind_worker to change, dropped after the test."""
+    """A copy of the environment for bind_worker to change, and settings read from it; both dropped after the test."""
     monkeypatch.setattr(os, "environ", dict(os.environ))
-    return os.environ
+    settings.get.cache_clear()
+    yield os.environ
+    settings.get.cache_clear()
 
 
 def test_each_worker_binds_to_its_own_gpu_round_robin(environ):
@@ -64,7 +64,10 @@ def test_on_the_cpu_workers_share_the_cores(environ):
     environ.pop("CIFAR100_CPU_THREADS", None)
     assert devices.bind_worker(1, 2, cores=8) == {"device": "cpu", "threads": 4}
     from serving.backends import cpu_threads
-    assert cpu_threads() == 4
+    assert cpu_threads() == 4   # what the worker's backends use
+    settings.get.cache_clear()
+    environ["CIFAR100_CPU_THREADS"] = "3"   # set: every worker takes that many
+    assert devices.bind_worker(2, 2, cores=8) == {"device": "cpu", "threads": 3} and cpu_threads() == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: binding is checked in a fresh process")
