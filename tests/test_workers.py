@@ -116,6 +116,32 @@ def two_workers(start_server):
     return start_server({"CIFAR100_BACKEND": "onnx", "CIFAR100_MODEL_WORKERS": 2})
 
 
+def metrics(url):
+    """The service's counts by model worker, from a scrape of /metrics."""
+    from loadtest.report import worker_counts
+    return worker_counts(requests.get(f"{url}/metrics", timeout=10).text)
+
+
+def test_metrics_count_each_workers_model_calls(two_workers):
+    """The first test on its server: /metrics shows only the warm-up, then exactly the images sent, each worker's
+    series agreeing with the statistics it reports in /info."""
+    start = metrics(two_workers)
+    assert set(start) == {"1", "2"}   # each worker's series, there from its start
+    assert sum(c["images"] for c in start.values()) == sum(c["calls"] for c in start.values()) == 1   # the warm-up
+    sizes = RNG.integers(1, 40, 40)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:   # concurrent: both workers take some
+        assert all(r.ok for r in pool.map(lambda n: classify_batch(two_workers, RNG.integers(0, 256, (n, 32, 32, 3),
+                                                                                           dtype=np.uint8)), sizes))
+    counts = metrics(two_workers)
+    assert sum(c["images"] for c in counts.values()) == sizes.sum() + 1
+    assert all(c["calls"] > 0 for c in counts.values()), counts
+    time.sleep(workers.WRITE_EVERY_S + 0.2)   # each worker's statistics file is at most this old
+    for w in requests.get(f"{two_workers}/info", timeout=10).json()["workers"]:
+        c = counts[str(w["worker"])]
+        assert (c["calls"], c["timed_calls"], c["images"]) == (w["stats"]["model_calls"],) * 2 + (w["stats"]["images"],)
+        assert c["seconds"] == pytest.approx(w["stats"]["seconds"])
+
+
 def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
     info = requests.get(f"{two_workers}/info", timeout=10).json()
     assert [(w["worker"], w["ready"], w["device"]) for w in info["workers"]] == [
@@ -171,7 +197,7 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
             statuses[classify_batch(two_workers, one_image(), session).status_code] += 1
         return statuses
 
-    before = worker_pids()
+    before, counted = worker_pids(), metrics(two_workers)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         until = threading.Event()
         running = [pool.submit(traffic, until) for _ in range(2)]
@@ -197,6 +223,11 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
     assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 200
     again = classify_batch(two_workers, one_image())
     assert again.status_code == 200 and len(again.json()["class_ids"]) == 1
+    # Prometheus counters keep counting across the restarts (the killed processes' files stay in BentoML's folder);
+    # /info's statistics are the new processes' only. A request retried after its worker died may count twice.
+    images = {w: c["images"] - counted[w]["images"] for w, c in metrics(two_workers).items()}
+    assert sum(images.values()) >= statuses[200] + 1
+    assert requests.get(f"{two_workers}/info", timeout=10).json()["stats"]["images"] < sum(images.values())
 
 
 def test_a_stopped_server_leaves_no_folder_behind(model_store, tmp_path):
