@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving import access
+from training.contract import MODEL_NAME
 
 PREFIX = "CIFAR100_"
 # Variables under the prefix that are not the service's: the bench scripts' own (CIFAR100_BENCH_OUT, ...), and those
@@ -37,7 +38,7 @@ class Settings(BaseSettings):
     """Each field is the variable CIFAR100_<FIELD> (case-insensitive, as BentoML's own variables)."""
     model_config = SettingsConfigDict(env_prefix=PREFIX)
 
-    model: str = "cifar100-classifier:latest"   # a model store entry; a bare name means its latest version
+    model: str = f"{MODEL_NAME}:latest"   # a model store entry; a bare name means its latest version
     backend: typing.Literal["auto", "torch", "onnx", "tensorrt"] = "auto"   # serving.backends.KINDS
     torch_compile: bool = True
     max_batch_size: int = Field(1024, ge=1)
