@@ -17,6 +17,7 @@ REQUIRED=(
   kantoku opentelemetry-api opentelemetry-sdk opentelemetry-instrumentation
   opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
   opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser pydantic pydantic-core
+  pydantic-settings python-dotenv
   python-json-logger python-multipart pyzmq rich-toolkit schema simple-di starlette tomli-w tornado
   typing-inspection tzdata uvicorn uvloop httptools watchfiles wsproto
   locust flask flask-cors flask-login itsdangerous blinker configargparse gevent geventhttpclient greenlet

@@ -6,7 +6,8 @@
 Writes to OUT (per user count u): u{u}_stats.csv, u{u}_stats_history.csv, u{u}_failures.csv (Locust),
 u{u}_report.html (Locust), u{u}_summary.json, u{u}_timeline.png; with --sweep also sweep.json and
 sweep.png (p50/p99 latency against throughput). Prints a table: requests/s, p50/p95/p99 latency,
-failures and the requests merged per model call (from /metrics). Only loopback hosts are allowed.
+failures and, from the service's /metrics, its model calls: the requests each merged, images, milliseconds per call
+and each model worker's share (how busy it was). Only loopback hosts are allowed.
 """
 import argparse
 import ipaddress
@@ -96,7 +97,7 @@ def run_locust(a, users, out):
     """One headless Locust run with `users` users; returns its summary dict."""
     prefix = out / f"u{users}"
     spawn_rate = min(a.spawn_rate or users, users)
-    before = metrics_text(a.host)
+    before, started = metrics_text(a.host), time.monotonic()
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
                "--host", a.host, "--users", str(users), "--spawn-rate", str(spawn_rate),
                "--run-time", f"{a.run_time}s", "--stop-timeout", "10", "--csv", str(prefix), "--csv-full-history",
@@ -122,7 +123,7 @@ def run_locust(a, users, out):
         stats["/classify_batch"]["images_per_s"] = stats["/classify_batch"]["rps"] * a.batch
     summary = {"host": a.host, "users": users, "spawn_rate": spawn_rate, "run_time_s": a.run_time,
                "tags": a.tags or ["images", "batch"], "batch": a.batch, "endpoints": stats, "total": total,
-               "model_calls": report.model_calls(before, metrics_text(a.host)),
+               "model_calls": report.model_calls(before, metrics_text(a.host), time.monotonic() - started),
                "files": {"stats": f"{prefix}_stats.csv", "history": f"{prefix}_stats_history.csv",
                          "html": f"{prefix}_report.html", "timeline": f"{prefix}_timeline.png"}}
     write_json(f"{prefix}_summary.json", summary)

@@ -8,8 +8,12 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from training.files import save_figure  # noqa: E402
 
-# The service's histogram of how many requests each model call merged (serving/service.py).
+# The service's histogram of how many requests each model call merged, and its counts per model worker
+# (serving/metrics.py).
 BATCH_METRIC = "cifar100_requests_per_model_call"
+WORKER_SERIES = {"cifar100_model_calls_total": "calls", "cifar100_model_images_total": "images",
+                 "cifar100_model_call_duration_seconds_sum": "seconds",
+                 "cifar100_model_call_duration_seconds_count": "timed_calls"}
 
 
 def _number(text):
@@ -67,9 +71,21 @@ def model_call_histogram(metrics_text):
     return h
 
 
-def model_calls(before_text, after_text):
-    """The model calls made during the run (after minus before): their count, and the mean and quantiles of the
-    requests each merged; None when there were none."""
+def worker_counts(metrics_text):
+    """{worker: {"calls", "images", "seconds", "timed_calls"}}: the service's counts by model worker (a label)."""
+    counts = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if key := WORKER_SERIES.get(sample.name):
+                worker = counts.setdefault(sample.labels.get("worker", ""), dict.fromkeys(WORKER_SERIES.values(), 0.0))
+                worker[key] += sample.value
+    return counts
+
+
+def model_calls(before_text, after_text, seconds=None):
+    """The model calls made during the run (after minus before, over SECONDS): their count, the mean and quantiles
+    of the requests each merged and, from the service's counts by worker, the images, the model's time and how busy
+    each worker was; None when there were none."""
     before, after = model_call_histogram(before_text), model_call_histogram(after_text)
     count = after["count"] - before["count"]
     if count <= 0:
@@ -78,8 +94,19 @@ def model_calls(before_text, after_text):
 
     def quantile(q):   # the upper bound of the first bucket holding the q-th call
         return next((le for le, c in buckets if c >= q * count), None)
-    return {"calls": int(count), "mean_requests_per_call": (after["sum"] - before["sum"]) / count,
-            "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99)}
+    calls = {"calls": int(count), "mean_requests_per_call": (after["sum"] - before["sum"]) / count,
+             "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99)}
+    start, end = worker_counts(before_text), worker_counts(after_text)
+    workers = {w: {k: v - start.get(w, {}).get(k, 0.0) for k, v in counts.items() if k != "timed_calls"}
+               for w, counts in sorted(end.items())}
+    if workers:   # a service without them (an older version) has only the histogram
+        for w in workers.values():
+            w["calls"], w["images"] = int(w["calls"]), int(w["images"])
+            w["busy"] = w["seconds"] / seconds if seconds else None
+        images, model_seconds = sum(w["images"] for w in workers.values()), sum(w["seconds"] for w in workers.values())
+        calls.update(images=images, images_per_call=images / count, model_seconds=model_seconds,
+                     mean_call_ms=1000 * model_seconds / count, workers=workers)
+    return calls
 
 
 def plot_history(history, path, title):
@@ -136,6 +163,12 @@ def table(summaries):
         if b := s["model_calls"]:
             lines.append(f"{s['users']:>5} users: {b['calls']} model calls, {b['mean_requests_per_call']:.2f} "
                          f"requests per call on average (p50 <= {b['p50_at_most']:g}, p99 <= {b['p99_at_most']:g})")
+            if "workers" in b:
+                lines.append(f"{'':>5}        {b['images']} images, {b['images_per_call']:.1f} per call, "
+                             f"{b['mean_call_ms']:.2f} ms per call")
+                for name, w in b["workers"].items():
+                    busy = f", busy {100 * w['busy']:.0f}% of the run" if w["busy"] is not None else ""
+                    lines.append(f"{'':>5}        model worker {name}: {w['calls']} calls, {w['images']} images{busy}")
         else:
             lines.append(f"{s['users']:>5} users: no model-call metrics at {s['host']}/metrics")
     return "\n".join(lines)

@@ -23,8 +23,11 @@ class AccessError(Exception):
 
 def api_token(environ=os.environ):
     """The token, or None when none is set. AccessError when the variables say one but give none."""
-    token = environ.get("CIFAR100_API_TOKEN")
-    path = environ.get("CIFAR100_API_TOKEN_FILE")
+    return token_from(environ.get("CIFAR100_API_TOKEN"), environ.get("CIFAR100_API_TOKEN_FILE"))
+
+
+def token_from(token, path):
+    """The token from the values of CIFAR100_API_TOKEN and CIFAR100_API_TOKEN_FILE (None: unset), as api_token."""
     if token is not None and path:
         raise AccessError("set CIFAR100_API_TOKEN or CIFAR100_API_TOKEN_FILE, not both")
     if path:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from serving import settings
 from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, IMAGE_SHAPE, MODEL_INFO_FILE,
                                NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, BatchError, blank_images, check_batch, chunks)
 
@@ -62,7 +63,7 @@ def cpu_cores():
 def cpu_threads():
     """Threads for a model on the CPU: CIFAR100_CPU_THREADS (a model worker's share, serving/devices.py), else all
     the cores this process may use."""
-    return int(os.environ.get("CIFAR100_CPU_THREADS", 0)) or cpu_cores()
+    return settings.get().cpu_threads or cpu_cores()
 
 
 class Backend:
@@ -116,14 +117,14 @@ class TorchBackend(Backend):
         # fp16 tensor cores; Preprocess's NHWC->NCHW permute already yields channels_last memory.
         self.model = model.half().to(memory_format=torch.channels_last)
         if compile is None:
-            compile = os.environ.get("CIFAR100_TORCH_COMPILE", "1") == "1"
+            compile = settings.get().torch_compile
         self.precision = "fp16+compile" if compile else "fp16"
         self.prepare_calls(compile)
 
     def prepare_calls(self, compile):
         """How a GPU is served (the CPU runs it too, for the tests): preallocated buffers, chunks, all calls
         on one thread; with `compile`, torch.compile'd and warmed up bucket by bucket here."""
-        self.eager, self.chunk = self.model, int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", "1024"))
+        self.eager, self.chunk = self.model, settings.get().max_batch_size
         if compile:
             # reduce-overhead: Inductor kernels replayed as CUDA graphs, one per bucket. The batch dimension
             # is marked dynamic, so Dynamo compiles two graphs (convolutions guard on batch >= 16), not one

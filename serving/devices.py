@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serving import settings
+
 log = logging.getLogger(__name__)
 NVIDIA_DRIVER = Path("/proc/driver/nvidia")   # there whenever the NVIDIA kernel driver is loaded
 
@@ -50,11 +52,7 @@ def cuda_device_count():
 
 def worker_count(setting=None, gpus=None):
     """How many model workers: the setting (CIFAR100_MODEL_WORKERS) when given, else one per visible GPU, else 1."""
-    if setting:
-        if int(setting) < 1:
-            raise ValueError(f"CIFAR100_MODEL_WORKERS must be at least 1, got {setting}")
-        return int(setting)
-    return len(visible_gpus() if gpus is None else gpus) or 1
+    return setting or len(visible_gpus() if gpus is None else gpus) or 1
 
 
 def device_for_worker(index, gpus):
@@ -64,11 +62,14 @@ def device_for_worker(index, gpus):
 
 def bind_worker(index, workers, cores):
     """Bind this process, model worker INDEX of WORKERS, to its device before CUDA starts: its GPU (the only one it
-    then sees) or, on the CPU, its share of the cores (CIFAR100_CPU_THREADS, unless set). Returns what it got."""
+    then sees) or, on the CPU, its share of the cores: the setting cpu_threads of this process, unless
+    CIFAR100_CPU_THREADS set it (the backends read it from there). Returns what it got."""
     gpus = visible_gpus()
     gpu = device_for_worker(index, gpus)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         return {"gpu": gpu, "device": "cuda:0"}
-    os.environ.setdefault("CIFAR100_CPU_THREADS", str(max(1, cores // workers)))
-    return {"device": "cpu", "threads": int(os.environ["CIFAR100_CPU_THREADS"])}
+    own = settings.get()
+    if own.cpu_threads is None:
+        own.cpu_threads = max(1, cores // workers)
+    return {"device": "cpu", "threads": own.cpu_threads}

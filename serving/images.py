@@ -21,11 +21,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageMode
 
+from serving import settings
 from training.contract import IMAGE_SIZE, BatchError, check_batch
 
 HEADER_BYTES = 16 + 10_000   # magic, length, and numpy's own limit on a header's size
 # Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
-Image.MAX_IMAGE_PIXELS = int(os.environ.get("CIFAR100_MAX_PIXELS", 40_000_000))
+Image.MAX_IMAGE_PIXELS = settings.get().max_pixels   # CIFAR100_MAX_PIXELS
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 # Pillow warns about what it skips in a broken file (a tag, EXIF data), and logs some as errors: the client's
 # problem, not the log's.

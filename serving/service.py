@@ -10,16 +10,13 @@ Decoding images in the front process keeps Pillow off the model's process and GI
 as raw frames on a Unix socket per model worker (serving/channel.py), not through BentoML's client. With
 CIFAR100_PROCESSES=1 the front holds the model and its batcher itself.
 
-Settings (docs/serving.md has them all, with their defaults): CIFAR100_MODEL, CIFAR100_BACKEND,
-CIFAR100_MAX_BATCH_SIZE, CIFAR100_MAX_LATENCY_MS, CIFAR100_MAX_IMAGES, CIFAR100_MAX_BODY_MB,
-CIFAR100_MAX_INFLIGHT_MB, CIFAR100_MAX_DECODED_MB, CIFAR100_HEADER_TIMEOUT_S, CIFAR100_BODY_TIMEOUT_S,
-CIFAR100_MAX_HEADER_KB, CIFAR100_WORKERS, CIFAR100_PROCESSES, CIFAR100_MODEL_WORKERS, CIFAR100_MAX_PIXELS,
-CIFAR100_API_TOKEN(_FILE).
+Settings: the variables CIFAR100_* (serving/settings.py; docs/serving.md has them all, with their defaults), read
+and checked first: `bentoml serve` imports this module before it starts anything, so a value that does not fit is
+the one line it prints. Its own Prometheus series: serving/metrics.py.
 """
 import asyncio
-import functools
 import logging
-import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,73 +30,58 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
-from serving import access, bentoml_fixes, channel, devices, workers
-from serving.admission import ByteBudget, Overloaded
-from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction
-from serving.backends import cpu_cores, load_backend
-from serving.batching import Batcher
-from serving.guard import RequestGuard, error
-from serving.images import (InputError, decode_images, decode_uploads, open_images, quick_to_decode, read_npy,
-                            small_files)
-from training.contract import MODEL_NAME, blank_images
+from serving import settings
+
+try:   # before the modules below, which read settings too (serving/images.py at its import)
+    SETTINGS = settings.get()
+except settings.SettingsError as e:
+    sys.exit(f"error: {e}")
+
+from serving import bentoml_fixes, channel, devices, workers  # noqa: E402
+from serving.admission import ByteBudget, Overloaded  # noqa: E402
+from serving.answers import BatchAnswer, Candidate, ClassifyAnswer, InfoAnswer, Prediction  # noqa: E402
+from serving.backends import cpu_cores, load_backend  # noqa: E402
+from serving.batching import Batcher  # noqa: E402
+from serving.guard import RequestGuard, error  # noqa: E402
+from serving.images import (InputError, decode_images, decode_uploads, open_images, quick_to_decode,  # noqa: E402
+                            read_npy, small_files)
+from serving.metrics import ModelMetrics  # noqa: E402
+from training.contract import blank_images  # noqa: E402
 
 log = logging.getLogger("bentoml.service")
+if bentoml.server_context.worker_index is None:   # the server's own process, not each of its workers again
+    for warning in settings.unknown():
+        log.warning("%s", warning)
 
-MODEL_TAG = os.environ.get("CIFAR100_MODEL", f"{MODEL_NAME}:latest")
-if ":" not in MODEL_TAG:
-    MODEL_TAG += ":latest"
-BACKEND = os.environ.get("CIFAR100_BACKEND", "auto")
-MAX_BATCH_SIZE = int(os.environ.get("CIFAR100_MAX_BATCH_SIZE", 1024))
-MAX_LATENCY_MS = int(os.environ.get("CIFAR100_MAX_LATENCY_MS", 30000))
-MAX_IMAGES = int(os.environ.get("CIFAR100_MAX_IMAGES", 4096))
-MAX_BODY_BYTES = int(float(os.environ.get("CIFAR100_MAX_BODY_MB", 64)) * 2**20)
-MAX_INFLIGHT_BYTES = int(float(os.environ.get("CIFAR100_MAX_INFLIGHT_MB", 256)) * 2**20)
-if MAX_INFLIGHT_BYTES < MAX_BODY_BYTES:
-    raise ValueError(f"CIFAR100_MAX_INFLIGHT_MB ({MAX_INFLIGHT_BYTES / 2**20:g}) must be at least CIFAR100_MAX_BODY_MB "
-                     f"({MAX_BODY_BYTES / 2**20:g}): the largest request allowed would never fit")
-MAX_DECODED_BYTES = int(float(os.environ.get("CIFAR100_MAX_DECODED_MB", 1024)) * 2**20)
-HEADER_TIMEOUT_S = float(os.environ.get("CIFAR100_HEADER_TIMEOUT_S", 5))
-BODY_TIMEOUT_S = float(os.environ.get("CIFAR100_BODY_TIMEOUT_S", 10))
-MAX_HEADER_BYTES = int(float(os.environ.get("CIFAR100_MAX_HEADER_KB", 64)) * 2**10)
-WORKERS = int(os.environ.get("CIFAR100_WORKERS", 1))
-API_TOKEN = access.api_token()   # None: anyone who reaches the port may call (serving/access.py)
 # Before BentoML builds the apps of this module's services, and uvicorn its HTTP protocol.
-bentoml_fixes.apply(MAX_BODY_BYTES, MAX_IMAGES, HEADER_TIMEOUT_S, MAX_HEADER_BYTES)
+bentoml_fixes.apply(SETTINGS.max_body_bytes, SETTINGS.max_images, SETTINGS.header_timeout_s,
+                    SETTINGS.max_header_bytes)
 # Request bytes in flight: bodies (serving/guard.py) and what decoding images holds (Classifier.decode).
-BUDGET = ByteBudget.for_requests(MAX_INFLIGHT_BYTES, MAX_BODY_BYTES)
+BUDGET = ByteBudget.for_requests(SETTINGS.max_inflight_bytes, SETTINGS.max_body_bytes)
 # 2: an HTTP front process and a model process (the front's parsing never competes with the model for its GIL;
 # the model process is the unit the scale-out builds on); 1: the front runs the model (no second hop).
-PROCESSES = int(os.environ.get("CIFAR100_PROCESSES", 2))
-MODEL_WORKERS = devices.worker_count(os.environ.get("CIFAR100_MODEL_WORKERS"))   # one per visible GPU by default
+MODEL_WORKERS = devices.worker_count(SETTINGS.model_workers)   # one per visible GPU by default
 SMALL_BATCH = 16      # requests of up to this many images queue apart and go first (serving/batching.py)
 INLINE_CALL_S = 0.001  # CPU model calls expected to be shorter run on the event loop (serving/batching.py)
 LARGE_DECODE_BYTES = 16 << 20   # requests whose largest image decodes to more take turns, one per core (decode)
 
 
-@functools.cache
-def requests_per_call():
-    """The Prometheus histogram of how many requests each model call merged (GET /metrics). prometheus_client is
-    imported here, not at the top: BentoML points it at the folder its processes share only after importing this
-    module."""
-    import prometheus_client
-    return prometheus_client.Histogram("cifar100_requests_per_model_call", "Requests merged into one model call",
-                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-
-
 class ModelHost:
     """The backend with its batcher, call statistics and description: held by each Model worker, or, in the
-    one-process layout, by the front itself. A worker's STATE (serving/workers.py) passes its statistics on."""
+    one-process layout, by the front itself. A worker's STATE (serving/workers.py) passes its statistics on, its
+    Prometheus series (serving/metrics.py, labelled WORKER) count the same calls."""
 
-    def __init__(self, stored, state=None):
+    def __init__(self, stored, worker, state=None):
         self.tag, self.metadata, self.state = str(stored.tag), dict(stored.info.metadata), state
-        self.backend = load_backend(BACKEND, stored.path)
+        self.backend = load_backend(SETTINGS.backend, stored.path)
         self.backend.warmup()
         self.stats_lock = threading.Lock()
         self.stats = {"model_calls": 0, "images": 0, "largest_call": 0, "seconds": 0.0}
+        self.metrics = ModelMetrics(worker)
         # Quick calls may run on the event loop, on the CPU only: CUDA graphs and streams belong to one thread.
         inline_s = INLINE_CALL_S if self.backend.device == "cpu" else 0.0
-        self.batcher = Batcher(self.run, MAX_BATCH_SIZE, MAX_LATENCY_MS / 1000, SMALL_BATCH, inline_s,
-                               on_call=requests_per_call().observe)
+        self.batcher = Batcher(self.run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000, SMALL_BATCH,
+                               inline_s, on_call=self.metrics.requests.observe)
         start = time.perf_counter()   # the model's rate, before the first request has to be judged by it
         self.backend(blank_images(SMALL_BATCH + 1))
         self.batcher.learn(SMALL_BATCH + 1, time.perf_counter() - start)
@@ -110,12 +92,14 @@ class ModelHost:
     def run(self, images):
         start = time.perf_counter()
         logits = self.backend(images)
+        seconds = time.perf_counter() - start
+        self.metrics.model_call(len(images), seconds)
         with self.stats_lock:
             s = self.stats
             s["model_calls"] += 1
             s["images"] += len(images)
             s["largest_call"] = max(s["largest_call"], len(images))
-            s["seconds"] += time.perf_counter() - start
+            s["seconds"] += seconds
             if self.state is not None:
                 self.state.update(stats=dict(s))
         return logits
@@ -126,9 +110,9 @@ class ModelHost:
             if self.state is not None:
                 self.state.update(force=True, stats=stats)
         return {"model": self.tag, "metadata": self.metadata, **self.backend.describe(),
-                "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
-                             "max_images_per_request": MAX_IMAGES, "small_batch": SMALL_BATCH,
-                             "processes": PROCESSES}, "stats": stats}
+                "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms,
+                             "max_images_per_request": SETTINGS.max_images, "small_batch": SMALL_BATCH,
+                             "processes": SETTINGS.processes}, "stats": stats}
 
 
 # runner_connection: BentoML's client replaces its aiohttp session to this service every 100 requests (and
@@ -137,24 +121,25 @@ class ModelHost:
 # worker needs no refresh. No access log: the front logs each request; a second line per internal call
 # doubled the log and cost this process 5-8% of its CPU per /classify. No request metrics, for the same reason:
 # the front's count every request (0.1-0.2 ms of this process's CPU per call, A/B).
-@bentoml.service(traffic={"timeout": 300}, workers=MODEL_WORKERS, logging={"access": {"enabled": False}},
-                 metrics={"enabled": False}, runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
+@bentoml.service(traffic={"timeout": settings.TRAFFIC_TIMEOUT_S}, workers=MODEL_WORKERS,
+                 logging={"access": {"enabled": False}}, metrics={"enabled": False},
+                 runner_connection={"max_requests": 2**62, "max_age": float(10**12)})
 class Model:
-    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self):
         # Each worker binds itself to its own device before anything starts CUDA (serving/devices.py).
         index = bentoml.server_context.worker_index or 1
         device = devices.bind_worker(index, MODEL_WORKERS, cpu_cores())
         log.info("model worker %d of %d: %s", index, MODEL_WORKERS, device)
-        self.index, self.host = index, ModelHost(self.model_ref, workers.WorkerState(index, device))
+        self.index, self.host = index, ModelHost(self.model_ref, index, workers.WorkerState(index, device))
 
     @bentoml.on_startup
     async def listen(self):
         """Take the front's model calls (serving/channel.py); ready from then on."""
         path = workers.socket_path(self.index)
         path.unlink(missing_ok=True)   # left by this worker's predecessor, if it was restarted
-        self.listener = await channel.serve(str(path), self.host.batcher, MAX_IMAGES)
+        self.listener = await channel.serve(str(path), self.host.batcher, SETTINGS.max_images)
         self.host.state.update(force=True, ready=True)
 
     @bentoml.on_shutdown
@@ -251,19 +236,22 @@ bentoml_fixes.document_raw_body("/classify_batch", "application/x-npy", "the .np
                                 "application/octet-stream); `?probabilities=true` asks for the probabilities")
 
 
-@bentoml.service(traffic={"timeout": 300}, workers=WORKERS)
+@bentoml.service(traffic={"timeout": settings.TRAFFIC_TIMEOUT_S}, workers=SETTINGS.workers)
 @bentoml.asgi_app(routes, path="/")
 class Classifier:
-    if PROCESSES == 1:
-        model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    if SETTINGS.processes == 1:
+        model_ref = bentoml.models.BentoModel(SETTINGS.model)
     else:
         model = bentoml.depends(Model)
 
     def __init__(self):
         self.classes, self.ready, self.decoders = None, False, None
-        self.host = ModelHost(self.model_ref) if PROCESSES == 1 else None   # the front runs the model itself
-        self.channel = None if self.host else \
-            channel.ModelChannel([str(workers.socket_path(i)) for i in range(1, MODEL_WORKERS + 1)], MAX_IMAGES)
+        self.host = self.channel = None
+        if SETTINGS.processes == 1:   # the front runs the model itself, its series labelled with the front's number
+            self.host = ModelHost(self.model_ref, bentoml.server_context.worker_index or 1)
+        else:
+            sockets = [str(workers.socket_path(i)) for i in range(1, MODEL_WORKERS + 1)]
+            self.channel = channel.ModelChannel(sockets, SETTINGS.max_images)
 
     async def _call_model(self, api, *args):
         """A call to the Model process (every Model API is idempotent)."""
@@ -315,8 +303,8 @@ class Classifier:
 
     async def describe(self):
         info = await self._model_info()
-        info["batching"]["max_body_bytes"] = MAX_BODY_BYTES
-        info["front_workers"] = WORKERS
+        info["batching"]["max_body_bytes"] = SETTINGS.max_body_bytes
+        info["front_workers"] = SETTINGS.workers
         if self.host is None:   # the model workers, each from its own state: one call reaches only one of them
             info["workers"] = workers.read_all()
             info["stats"] = workers.total_stats(info["workers"])
@@ -325,7 +313,7 @@ class Classifier:
     async def classify_npy(self, data, probabilities):
         """The answer to /classify_batch for the bytes of an .npy file: the class ids (and the probabilities)."""
         try:
-            logits = await self._predict(read_npy(data, MAX_IMAGES))
+            logits = await self._predict(read_npy(data, SETTINGS.max_images))
         except (InputError, Overloaded, channel.ModelError) as e:
             return failed(e, "/classify_batch")
         return answer(BatchAnswer(class_ids=logits.argmax(axis=1).tolist(),
@@ -346,9 +334,9 @@ class Classifier:
         try:
             if not files:
                 raise InputError("images: no files uploaded")
-            if len(files) > MAX_IMAGES:
-                raise InputError(f"images: {len(files)} files exceed the limit of {MAX_IMAGES} (CIFAR100_MAX_IMAGES)",
-                                 413)
+            if len(files) > SETTINGS.max_images:
+                raise InputError(f"images: {len(files)} files exceed the limit of {SETTINGS.max_images} "
+                                 "(CIFAR100_MAX_IMAGES)", 413)
             decoded = await self.decode(files)
             probs = softmax(await self._predict(np.stack([array for array, _ in decoded])))
         except (InputError, Overloaded, channel.ModelError) as e:
@@ -370,10 +358,11 @@ class Classifier:
             return decode_images(data)
         uploads = await anyio.to_thread.run_sync(open_images, files)
         total, (largest, name) = sum(u.cost for u in uploads), max((u.decoded_bytes, u.name) for u in uploads)
-        if total > MAX_DECODED_BYTES:
+        if total > SETTINGS.max_decoded_bytes:
             raise InputError(f"images: decoding these {len(uploads)} images is {total / 2**20:.0f} MB of work, over "
-                             f"the limit of {MAX_DECODED_BYTES / 2**20:.0f} MB per request (CIFAR100_MAX_DECODED_MB; a "
-                             "MB is one of decoded pixels, more for slow formats); send fewer or smaller images", 413)
+                             f"the limit of {SETTINGS.max_decoded_bytes / 2**20:.0f} MB per request "
+                             "(CIFAR100_MAX_DECODED_MB; a MB is one of decoded pixels, more for slow formats); send "
+                             "fewer or smaller images", 413)
         if largest > BUDGET.room(largest):
             raise InputError(f"{name}: decoding it takes {largest / 2**20:.0f} MB, more than the service holds for "
                              "all requests in flight (CIFAR100_MAX_INFLIGHT_MB)", 413)
@@ -399,5 +388,6 @@ def failed(e, kind):
     return error(e)
 
 
-Classifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_BODY_BYTES, budget=BUDGET, max_files=MAX_IMAGES,
-                                body_timeout_s=BODY_TIMEOUT_S, token=API_TOKEN, raw_app=raw_routes)
+Classifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes, budget=BUDGET,
+                               max_files=SETTINGS.max_images, body_timeout_s=SETTINGS.body_timeout_s,
+                               token=SETTINGS.token, raw_app=raw_routes)

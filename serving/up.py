@@ -16,13 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.access import AccessError, api_token
+from serving import settings
 from training.contract import IMAGE_SHAPE, MODEL_NAME
 
 
 def parse_args(argv=None, prog="python -m serving.up"):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--synthetic", action="store_true", default=os.environ.get("CIFAR100_SYNTHETIC") == "1",
+    p.add_argument("--synthetic", action="store_true", default=settings.get().synthetic,
                    help="offline smoke run: train on a small generated dataset (env CIFAR100_SYNTHETIC=1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="the interface to listen on (default %(default)s: this machine only; 0.0.0.0 exposes the "
@@ -74,8 +74,8 @@ def prepare_data(args):
 
 def ensure_model(args):
     """A model tag in the store, training and exporting Part 1 first when there is none."""
-    wanted = os.environ.get("CIFAR100_MODEL")
-    if wanted and wanted not in (MODEL_NAME, f"{MODEL_NAME}:latest"):  # another model or a pinned version
+    wanted = settings.get().model
+    if wanted != f"{MODEL_NAME}:latest":  # another model or a pinned version
         if (tag := stored_model(wanted)) is None:
             sys.exit(f"error: CIFAR100_MODEL={wanted} is not in the BentoML store (`bentoml models list`)")
         return tag
@@ -98,11 +98,11 @@ def ensure_model(args):
 
 
 def main(argv=None, prog="python -m serving.up"):
-    args = parse_args(argv, prog)
     try:
-        token = api_token()   # a bad token setting stops us before any training
-    except AccessError as e:
+        token = settings.get().token   # a bad setting stops us before any training
+    except settings.SettingsError as e:
         sys.exit(f"error: {e}")
+    args = parse_args(argv, prog)
     tag = ensure_model(args)
     env = dict(os.environ)
     if args.backend:
@@ -116,7 +116,7 @@ def main(argv=None, prog="python -m serving.up"):
         reach = f"listening on {args.host}: reachable from the network, " + (
             "callers need the token" if token else "with no token: anyone who reaches the port may call it")
     shape = ", ".join(map(str, IMAGE_SHAPE))
-    print(f"\nstarting {tag} at {url} (backend {env.get('CIFAR100_BACKEND', 'auto')}), {reach}.\n"
+    print(f"\nstarting {tag} at {url} (backend {args.backend or settings.get().backend}), {reach}.\n"
           f"Once /readyz answers, try:\n"
           f"  curl -s{auth} {url}/info\n"
           f"  curl -s{auth} -F images=@some_picture.jpg {url}/classify\n"

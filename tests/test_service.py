@@ -142,6 +142,23 @@ def test_concurrent_requests_merge_in_the_one_process_layout(one_process_server,
     assert requests.get(f"{one_process_server}/info", timeout=10).json()["stats"]["largest_call"] > 2
 
 
+def test_metrics_count_the_model_calls_in_the_one_process_layout(one_process_server):
+    """The front runs the model: its series (worker "1", the front's number) grow by exactly what was sent, and
+    agree with /info's statistics, counted apart in the same process."""
+    def counts():
+        return report.worker_counts(requests.get(f"{one_process_server}/metrics", timeout=10).text)
+    before, sizes = counts(), [1, 5, 64, 3]
+    for n in sizes:   # one after another: one model call each
+        assert classify_batch(one_process_server, RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)).ok
+    after = counts()
+    assert list(after) == ["1"]
+    assert (after["1"]["calls"] - before["1"]["calls"], after["1"]["images"] - before["1"]["images"]) == (4, 73)
+    stats = requests.get(f"{one_process_server}/info", timeout=10).json()["stats"]
+    assert (after["1"]["calls"], after["1"]["timed_calls"], after["1"]["images"]) == \
+        (stats["model_calls"], stats["model_calls"], stats["images"])
+    assert after["1"]["seconds"] == pytest.approx(stats["seconds"])
+
+
 def test_python_client(server, direct, tmp_path):
     images = RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     (tmp_path / "x.npy").write_bytes(npy(images))

@@ -17,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from serving import devices, workers
+from serving import devices, settings, workers
 from training.checkpoint import load_classifier
 from training.contract import npy_bytes
 
@@ -37,18 +37,18 @@ def one_image():
 def test_worker_count_is_one_per_visible_gpu_unless_set(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
     assert devices.visible_gpus() == ["2", "5", "7"] and devices.worker_count() == 3
-    assert devices.worker_count("2") == 2
-    with pytest.raises(ValueError, match="at least 1"):
-        devices.worker_count("0")
+    assert devices.worker_count(2) == 2   # CIFAR100_MODEL_WORKERS (at least 1: tests/test_settings.py)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")   # CUDA's way of saying "no GPU"
     assert devices.visible_gpus() == [] and devices.worker_count() == 1
 
 
 @pytest.fixture
 def environ(monkeypatch):
-    """A copy of the environment for bind_worker to change, dropped after the test."""
+    """A copy of the environment for bind_worker to change, and settings read from it; both dropped after the test."""
     monkeypatch.setattr(os, "environ", dict(os.environ))
-    return os.environ
+    settings.get.cache_clear()
+    yield os.environ
+    settings.get.cache_clear()
 
 
 def test_each_worker_binds_to_its_own_gpu_round_robin(environ):
@@ -64,7 +64,10 @@ def test_on_the_cpu_workers_share_the_cores(environ):
     environ.pop("CIFAR100_CPU_THREADS", None)
     assert devices.bind_worker(1, 2, cores=8) == {"device": "cpu", "threads": 4}
     from serving.backends import cpu_threads
-    assert cpu_threads() == 4
+    assert cpu_threads() == 4   # what the worker's backends use
+    settings.get.cache_clear()
+    environ["CIFAR100_CPU_THREADS"] = "3"   # set: every worker takes that many
+    assert devices.bind_worker(2, 2, cores=8) == {"device": "cpu", "threads": 3} and cpu_threads() == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: binding is checked in a fresh process")
@@ -111,6 +114,32 @@ def test_readiness_needs_every_worker_running_and_statistics_add_up():
 @pytest.fixture(scope="module")
 def two_workers(start_server):
     return start_server({"CIFAR100_BACKEND": "onnx", "CIFAR100_MODEL_WORKERS": 2})
+
+
+def metrics(url):
+    """The service's counts by model worker, from a scrape of /metrics."""
+    from loadtest.report import worker_counts
+    return worker_counts(requests.get(f"{url}/metrics", timeout=10).text)
+
+
+def test_metrics_count_each_workers_model_calls(two_workers):
+    """The first test on its server: /metrics shows only the warm-up, then exactly the images sent, each worker's
+    series agreeing with the statistics it reports in /info."""
+    start = metrics(two_workers)
+    assert set(start) == {"1", "2"}   # each worker's series, there from its start
+    assert sum(c["images"] for c in start.values()) == sum(c["calls"] for c in start.values()) == 1   # the warm-up
+    sizes = RNG.integers(1, 40, 40)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:   # concurrent: both workers take some
+        assert all(r.ok for r in pool.map(lambda n: classify_batch(two_workers, RNG.integers(0, 256, (n, 32, 32, 3),
+                                                                                           dtype=np.uint8)), sizes))
+    counts = metrics(two_workers)
+    assert sum(c["images"] for c in counts.values()) == sizes.sum() + 1
+    assert all(c["calls"] > 0 for c in counts.values()), counts
+    time.sleep(workers.WRITE_EVERY_S + 0.2)   # each worker's statistics file is at most this old
+    for w in requests.get(f"{two_workers}/info", timeout=10).json()["workers"]:
+        c = counts[str(w["worker"])]
+        assert (c["calls"], c["timed_calls"], c["images"]) == (w["stats"]["model_calls"],) * 2 + (w["stats"]["images"],)
+        assert c["seconds"] == pytest.approx(w["stats"]["seconds"])
 
 
 def test_two_workers_both_serve_and_answer_as_one_does(two_workers, model_dir):
@@ -168,7 +197,7 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
             statuses[classify_batch(two_workers, one_image(), session).status_code] += 1
         return statuses
 
-    before = worker_pids()
+    before, counted = worker_pids(), metrics(two_workers)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         until = threading.Event()
         running = [pool.submit(traffic, until) for _ in range(2)]
@@ -194,6 +223,11 @@ def test_killed_workers_cost_no_request_while_another_answers_then_a_503_with_re
     assert requests.get(f"{two_workers}/readyz", timeout=10).status_code == 200
     again = classify_batch(two_workers, one_image())
     assert again.status_code == 200 and len(again.json()["class_ids"]) == 1
+    # Prometheus counters keep counting across the restarts (the killed processes' files stay in BentoML's folder);
+    # /info's statistics are the new processes' only. A request retried after its worker died may count twice.
+    images = {w: c["images"] - counted[w]["images"] for w, c in metrics(two_workers).items()}
+    assert sum(images.values()) >= statuses[200] + 1
+    assert requests.get(f"{two_workers}/info", timeout=10).json()["stats"]["images"] < sum(images.values())
 
 
 def test_a_stopped_server_leaves_no_folder_behind(model_store, tmp_path):
