@@ -107,7 +107,8 @@ class Part3(Recipe):
 @dataclass
 class Robust(Recipe):
     """ImageNet ResNet-50 (V2 weights), every layer fine-tuned at 224 px for corrupted images: AugMix, noise, JPEG,
-    blur, CutMix/MixUp, label smoothing, one warm-up + cosine cycle stepped per batch, EMA of the weights."""
+    blur, CutMix/MixUp, label smoothing, one warm-up + cosine cycle stepped per batch, EMA of the weights.
+    CutMix/MixUp pay on long runs only: for a few hundred steps pass --mixup-alpha 0 --cutmix-alpha 0."""
     name: str = "robust"
     arch: str = "resnet50"
     weights: str = "IMAGENET1K_V2"
