@@ -1,0 +1,156 @@
+"""FP32 ONNX -> INT8 ONNX: ONNX Runtime's static quantization in QDQ form, calibrated on a seeded sample of the
+recipe's own training images and written only if it reproduces the FP32 file on training images the calibration
+did not see (the recipe's validation split).
+
+The graph keeps the contract (uint8 N×32×32×3 in, float32 logits out): the preprocessing before the first layer
+(cast, layout, normalisation, resize, flip TTA) stays in float, weights are int8 per output channel. Activations are
+uint8 by default, which ONNX Runtime runs fastest on x86 (measured in docs/performance.md); TensorRT takes only
+signed int8 with zero point 0, so `symmetric=True` writes <part>.int8-symmetric.onnx for `export tensorrt`.
+"""
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from training.contract import INPUT_NAME, OUTPUT_NAME
+from training.files import atomic_path
+
+from .onnx import Artifact, ExportError, decoded_metadata, ort_session
+
+log = logging.getLogger(__name__)
+CALIB_IMAGES = 512
+CHECK_IMAGES = 1000
+MIN_AGREEMENT = 0.99        # top-1 agreement with the FP32 file on the held-out images
+MAX_ACCURACY_DROP = 0.005   # accuracy on them at most half a point below FP32's
+BATCH = 64                  # images per call while calibrating and checking
+LAYERS = ("Conv", "Gemm", "MatMul")   # the network proper starts at the first of these
+
+
+def int8_name(part, symmetric=False):
+    return f"{part}.int8-symmetric.onnx" if symmetric else f"{part}.int8.onnx"
+
+
+def preprocessing_nodes(proto):
+    """The nodes before the network's first layer: they stay in float, so the uint8 input is read as it is."""
+    names = []
+    for node in proto.graph.node:
+        if node.op_type in LAYERS:
+            break
+        names.append(node.name)
+    return names
+
+
+def sample(data_dir, recipe, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0):
+    """(calibration images, held-out images, their labels, where they came from): a seeded sample of the training
+    images the recipe trained on, and one of its validation split (neither calibration nor training saw it)."""
+    from training.data import DataError, load_cifar100, locate, split_train_val
+
+    try:
+        data = load_cifar100(data_dir)
+    except DataError as e:
+        raise ExportError(f"INT8 needs the training images to calibrate on: {e}") from None
+    train, held_out = split_train_val(len(data.train_labels), recipe.get("val_fraction", 0.1), recipe.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    calib = rng.choice(train, min(calib_images, len(train)), replace=False)
+    if not len(held_out):   # a recipe that kept no validation split: the training images calibration left
+        held_out = np.setdiff1d(train, calib)
+    check = np.sort(rng.choice(held_out, min(check_images, len(held_out)), replace=False))
+    if not len(calib) or not len(check):
+        raise ExportError(f"{data_dir}: too few training images to calibrate and check INT8 "
+                          f"({len(calib)} for calibration, {len(check)} held out)")
+    return data.train_images[np.sort(calib)], data.train_images[check], data.train_labels[check], str(locate(data_dir))
+
+
+def quantize(fp32_path, out_path, images, symmetric=False):
+    """Write the QDQ model of FP32_PATH calibrated on IMAGES (ONNX Runtime's quantize_static, min-max ranges)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(images, max(1, len(images) // BATCH)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    proto = onnx.load(str(fp32_path))
+    excluded = preprocessing_nodes(proto)
+    with tempfile.TemporaryDirectory(prefix="int8-") as scratch:   # the calibrator's augmented model goes there
+        quantize_static(proto, out_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibration_cache_path=Path(scratch) / "calibration",
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    return excluded
+
+
+def run_timed(session, images):
+    """(logits, img/s) of SESSION over IMAGES in batches of BATCH, after one warm-up batch."""
+    session.run([OUTPUT_NAME], {INPUT_NAME: images[:BATCH]})
+    start = time.perf_counter()
+    logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + BATCH]})[0]
+                             for i in range(0, len(images), BATCH)])
+    return logits, len(images) / (time.perf_counter() - start)
+
+
+def check(fp32_path, int8_path, images, labels):
+    """The INT8 file against the FP32 file on the held-out images, both in ONNX Runtime on the CPU: top-1 agreement,
+    accuracies and img/s (what `auto` compares). Raises ExportError when it misses MIN_AGREEMENT or
+    MAX_ACCURACY_DROP."""
+    fp32, fp32_speed = run_timed(ort_session(fp32_path, "cpu"), images)
+    int8, int8_speed = run_timed(ort_session(int8_path, "cpu"), images)
+    agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
+    accuracy = {p: float((logits.argmax(1) == labels).mean()) for p, logits in (("fp32", fp32), ("int8", int8))}
+    report = {"images": len(images), "top1_agreement": agreement, "fp32_accuracy": accuracy["fp32"],
+              "int8_accuracy": accuracy["int8"], "max_abs_diff": float(np.abs(fp32 - int8).max()),
+              "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,
+              "speed": {"device": "cpu", "batch": BATCH, "fp32_img_per_s": round(fp32_speed),
+                        "int8_img_per_s": round(int8_speed), "faster": bool(int8_speed > fp32_speed)}}
+    log.info("INT8 vs FP32 on %d held-out images: top-1 agrees on %.2f%%, accuracy %.4f vs %.4f; %.0f vs %.0f img/s",
+             len(images), 100 * agreement, accuracy["int8"], accuracy["fp32"], int8_speed, fp32_speed)
+    problems = []
+    if agreement < MIN_AGREEMENT:
+        problems.append(f"its top-1 class agrees with FP32's on {100 * agreement:.2f}% of {len(images)} held-out "
+                        f"images (at least {100 * MIN_AGREEMENT:g}% needed)")
+    if accuracy["int8"] < accuracy["fp32"] - MAX_ACCURACY_DROP:
+        problems.append(f"its accuracy on them is {accuracy['int8']:.4f} against FP32's {accuracy['fp32']:.4f} "
+                        f"(at most {MAX_ACCURACY_DROP:g} lower allowed)")
+    if problems:
+        raise ExportError(f"{Path(int8_path).name} does not reproduce the FP32 model and is not written: "
+                          + "; ".join(problems))
+    return report
+
+
+def export_int8(fp32, data_dir, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0, symmetric=False):
+    """OUT/<part>.int8.onnx (symmetric: <part>.int8-symmetric.onnx) next to the FP32 Artifact FP32, with its sidecar
+    recording the calibration and the check: the INT8 Artifact. Nothing is written when the check fails."""
+    recipe = fp32.info["recipe"]
+    path = fp32.path.with_name(int8_name(recipe["name"], symmetric))
+    calib, held_out, labels, source = sample(data_dir, recipe, calib_images, check_images, seed)
+    log.info("quantizing %s to INT8 (QDQ, %s activations), calibrated on %d training images of %s", fp32.path.name,
+             "symmetric int8" if symmetric else "uint8", len(calib), source)
+    start = time.perf_counter()
+    with atomic_path(path) as tmp:
+        excluded = quantize(fp32.path, tmp, calib, symmetric)
+        proto = onnx.load(str(tmp))
+        props = {p.key: p.value for p in proto.metadata_props}
+        onnx.helper.set_model_props(proto, {**props, "precision": "int8"})
+        tmp.write_bytes(proto.SerializeToString())
+        report = check(fp32.path, tmp, held_out, labels)
+    info = {**decoded_metadata(proto),
+            "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                             "weights": "int8, per output channel, symmetric",
+                             "activations": "int8, symmetric" if symmetric else "uint8", "ranges": "min-max",
+                             "float_nodes": excluded, "seconds": round(time.perf_counter() - start, 1)},
+            "calibration": {"images": len(calib), "seed": seed, "source": source,
+                            "split": "training images of the recipe's training split"},
+            "check": {**report, "source": source, "split": "the recipe's validation split (held out from training "
+                      "and calibration)", "passed": True},
+            "fp32": fp32.path.name}
+    artifact = Artifact(path, info)
+    artifact.save()
+    log.info("wrote %s (%.1f MB) and %s", path, path.stat().st_size / 1e6, Artifact.sidecar(path).name)
+    return artifact
