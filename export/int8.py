@@ -96,7 +96,7 @@ def run_timed(session, images):
     return logits, len(images) / (time.perf_counter() - start)
 
 
-def check(fp32_path, int8_path, images, labels):
+def check(fp32_path, int8_path, images, labels, name):
     """The INT8 file against the FP32 file on the held-out images, both in ONNX Runtime on the CPU: top-1 agreement,
     accuracies and img/s (what `auto` compares). Raises ExportError when it misses MIN_AGREEMENT or
     MAX_ACCURACY_DROP."""
@@ -119,7 +119,7 @@ def check(fp32_path, int8_path, images, labels):
         problems.append(f"its accuracy on them is {accuracy['int8']:.4f} against FP32's {accuracy['fp32']:.4f} "
                         f"(at most {MAX_ACCURACY_DROP:g} lower allowed)")
     if problems:
-        raise ExportError(f"{Path(int8_path).name} does not reproduce the FP32 model and is not written: "
+        raise ExportError(f"{name} does not reproduce the FP32 model and is not written: "
                           + "; ".join(problems))
     return report
 
@@ -139,7 +139,7 @@ def export_int8(fp32, data_dir, calib_images=CALIB_IMAGES, check_images=CHECK_IM
         props = {p.key: p.value for p in proto.metadata_props}
         onnx.helper.set_model_props(proto, {**props, "precision": "int8"})
         tmp.write_bytes(proto.SerializeToString())
-        report = check(fp32.path, tmp, held_out, labels)
+        report = check(fp32.path, tmp, held_out, labels, path.name)
     info = {**decoded_metadata(proto),
             "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                              "weights": "int8, per output channel, symmetric",
