@@ -4,7 +4,8 @@
     python bench/backends.py --model-dir ~/bentoml/models/cifar100-classifier/<version>
 
 Backends: PyTorch eager FP32, eager FP16 channels_last (CUDA), torch.compile (--compile), ONNX
-Runtime CPU (FP32, and INT8 where `export int8` wrote it) and CUDA (FP32, FP16, INT8), TensorRT (when an engine, the package and a GPU are here);
+Runtime CPU (FP32, and INT8 where `export int8` wrote it) and CUDA (FP32, FP16, INT8),
+TensorRT (when an engine, the package and a GPU are here);
 with --model-dir also `served-<kind>`: serving/backends.py's backends exactly as the service runs them.
 Each is timed end to end (host uint8 batch -> host logits) per batch size; the median of the timed
 calls is reported. Iterations stop early after --max-seconds per cell, so CPU runs stay short. Every

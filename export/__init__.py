@@ -1,5 +1,5 @@
-"""A checkpoint to ONNX (FP32, FP16, INT8), a TensorRT engine and the BentoML model store; each file checked before it is
-written. `python -m export STEP` runs these functions, with the same names for its options:
+"""A checkpoint to ONNX (FP32, FP16, INT8), a TensorRT engine and the BentoML model store; each file checked before
+it is written. `python -m export STEP` runs these functions, with the same names for its options:
 
     from export import export_all
     model = export_all("runs/part1/best.pt", out="artifacts")   # the bentoml.Model now in the store
@@ -73,7 +73,8 @@ def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_
     from serving.tensorrt import unavailable_reason
 
     from . import bento
-    from .onnx import ExportError, export_checkpoint
+    from .int8 import Int8Refused
+    from .onnx import export_checkpoint
 
     model, ckpt, digest = load(checkpoint)
     written = export_checkpoint(model, ckpt, digest, Path(out), fp16=True, tta=tta)
@@ -82,7 +83,7 @@ def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_
         try:
             artifacts.append(export_int8(written["fp32"], data_dir, calib_images=calib_images,
                                          check_images=check_images, seed=seed))
-        except ExportError as e:   # the other artifacts stand; the store gets no INT8 file
+        except Int8Refused as e:   # the other artifacts stand; the store gets no INT8 file
             log.warning("%s", e)
     if reason := unavailable_reason():
         log.info("skipping TensorRT: %s", reason)

@@ -114,7 +114,8 @@ def accepted(field):
     if typing.get_origin(kind) is typing.Literal:
         words = "one of " + ", ".join(map(str, typing.get_args(kind)))
     else:
-        words = {int: "a whole number", float: "a number", bool: "1 or 0 (true/false, yes/no, on/off)"}.get(kind, "text")
+        words = {int: "a whole number", float: "a number",
+                 bool: "1 or 0 (true/false, yes/no, on/off)"}.get(kind, "text")
     bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le") if getattr(m, k, None) is not None}
     if "ge" in bounds and "le" in bounds:
         words += f" from {bounds['ge']} to {bounds['le']}"

@@ -125,7 +125,8 @@ def test_onnx_serves_int8_on_the_cpu_when_export_found_it_faithful_and_faster(wi
     assert auto.name == "torch" or auto.precision == "int8"
 
 
-@pytest.mark.parametrize("sidecar", [None, passed(faster=False), {"check": {"passed": False, "speed": {"faster": True}}}])
+@pytest.mark.parametrize("sidecar", [None, passed(faster=False),
+                                     {"check": {"passed": False, "speed": {"faster": True}}}])
 def test_onnx_serves_fp32_unless_int8_passed_and_was_faster(with_int8, images, reference, environ, sidecar):
     backend = load_backend("onnx", with_int8(sidecar))
     assert backend.precision == "fp32"

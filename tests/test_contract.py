@@ -17,7 +17,8 @@ CODE = sorted(p for folder in ("training", "export", "serving", "loadtest", "ben
               for p in (ROOT / folder).glob("*.py") if p.name != "contract.py")
 SCRIPTS = sorted([*ROOT.glob("bench/*.sh"), *ROOT.glob("container/*.sh"), ROOT / "Makefile"])
 STORE_NAMES = {contract.MODEL_NAME, contract.CHECKPOINT_FILE, contract.ONNX_FILE, contract.ONNX_FP16_FILE,
-               contract.ONNX_INT8_FILE, contract.ONNX_INT8_INFO_FILE, contract.ENGINE_FILE, contract.ENGINE_INFO_FILE, contract.INPUT, contract.OUTPUT}
+               contract.ONNX_INT8_FILE, contract.ONNX_INT8_INFO_FILE, contract.ENGINE_FILE, contract.ENGINE_INFO_FILE,
+               contract.INPUT, contract.OUTPUT}
 
 
 @pytest.mark.parametrize("dtype, shape, status, message", [

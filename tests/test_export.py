@@ -417,10 +417,14 @@ def test_int8_that_does_not_reproduce_fp32_is_not_written(int8, tmp_path, monkey
 
 
 def test_cli_int8_without_training_data_says_so(int8, tmp_path):
-    result = run_cli("int8", "--onnx", int8[0].path, "--data-dir", tmp_path / "nothing")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: INT8 needs the training images to calibrate on: "
-                                                             "no CIFAR-100 at")
+    """A refused INT8 file is a warning of `all` (the other artifacts stand); missing training data is an error."""
+    checkpoint = make_checkpoint(tmp_path / "best.pt", "part1")
+    for args in (["int8", "--onnx", int8[0].path], ["all", "--checkpoint", checkpoint, "--out", tmp_path, "--int8"]):
+        result = run_cli(*args, "--data-dir", tmp_path / "nothing", env={"BENTOML_HOME": str(tmp_path / "store")})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: INT8 needs the training images to calibrate "
+                                                                 "on: no CIFAR-100 at")
+    assert not (tmp_path / "store").exists()   # nothing went into the model store
 
 
 def test_tensorrt_refuses_uint8_activations(int8):
