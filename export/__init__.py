@@ -11,6 +11,7 @@ from serving.backends import GPU_CHUNK
 from training.contract import MODEL_NAME
 
 from .int8 import CALIB_IMAGES, CHECK_IMAGES
+
 log = logging.getLogger(__name__)
 
 

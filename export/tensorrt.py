@@ -2,10 +2,11 @@
 
 TensorRT 11 networks are always strongly typed: precision comes from the graph, so build the FP16 engine from
 the FP16 ONNX file. TensorRT 10 is weakly typed by default: there BuilderFlag.FP16 lets it pick FP16 kernels for
-an FP32 graph. INT8 is explicit quantization: the Q/DQ nodes of `export int8 --symmetric`'s file say where (TensorRT
-takes signed int8 with zero point 0 only; its calibrator API is deprecated since 10.1); TensorRT 10 also needs the
-INT8 flag for them. An engine runs only on the GPU model and TensorRT version it was built with; <engine>.json records
-both next to it. Running an engine is serving's job (serving/tensorrt.py); the check here uses that runner.
+an FP32 graph. INT8 is explicit quantization: the Q/DQ nodes of `export int8 --symmetric`'s file say where
+(TensorRT takes signed int8 with zero point 0 only; its calibrator API is deprecated since 10.1); TensorRT 10 also
+needs the INT8 flag for them. An engine runs only on the GPU model and TensorRT version it was built with;
+<engine>.json records both next to it. Running an engine is serving's job (serving/tensorrt.py); the check here
+uses that runner.
 """
 import logging
 from pathlib import Path
