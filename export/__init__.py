@@ -32,15 +32,16 @@ def export_onnx(checkpoint, out="artifacts", *, fp16=False, tta="none"):
 
 
 def export_int8(onnx, data_dir="data", *, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0,
-                symmetric=False):
+                symmetric=False, calib_dir=None):
     """OUT/<part>.int8.onnx next to the FP32 ONNX file ONNX (a file or an Artifact): calibrated on CALIB_IMAGES of
     the training images in DATA_DIR (seeded), written only if it reproduces the FP32 file on CHECK_IMAGES of its
-    validation split; symmetric=True writes the signed, zero-point-0 variant TensorRT takes. Its Artifact."""
+    validation split; calib_dir: calibrate on a Kaggle-style (or CIFAR-100-C) folder's images instead; symmetric=True
+    writes the signed, zero-point-0 variant TensorRT takes. Its Artifact."""
     from .int8 import export_int8 as quantize
     from .onnx import Artifact
 
     onnx = onnx if isinstance(onnx, Artifact) else Artifact.load(onnx)
-    return quantize(onnx, data_dir, calib_images, check_images, seed, symmetric)
+    return quantize(onnx, data_dir, calib_images, check_images, seed, symmetric, calib_dir)
 
 
 def export_tensorrt(onnx, out="artifacts", *, min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK, workspace_gib=None):
@@ -67,7 +68,7 @@ def export_bento(checkpoint, artifacts="artifacts", *, name=MODEL_NAME):
 
 def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_batch=1, opt_batch=GPU_CHUNK,
                max_batch=GPU_CHUNK, workspace_gib=None, int8=False, data_dir="data", calib_images=CALIB_IMAGES,
-               check_images=CHECK_IMAGES, seed=0):
+               check_images=CHECK_IMAGES, seed=0, calib_dir=None):
     """ONNX, FP16 ONNX, with int8=True the INT8 ONNX file (export_int8's options) when it passes its check, the
     TensorRT engine where TensorRT and a GPU are present, then the model store: the bentoml.Model. Each step hands
     what it made to the next; nothing is read back from disk."""
@@ -83,7 +84,7 @@ def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_
     if int8:
         try:
             artifacts.append(export_int8(written["fp32"], data_dir, calib_images=calib_images,
-                                         check_images=check_images, seed=seed))
+                                         check_images=check_images, seed=seed, calib_dir=calib_dir))
         except Int8Refused as e:   # the other artifacts stand; the store gets no INT8 file
             log.warning("%s", e)
     if reason := unavailable_reason():

@@ -48,6 +48,9 @@ def parse_args(argv=None, prog="python -m export"):
         cmd.add_argument("--check-images", type=int, default=CHECK_IMAGES,
                          help="images of the recipe's validation split, unseen by calibration, that INT8 must "
                               "reproduce FP32 on (default %(default)s)")
+        cmd.add_argument("--calib-dir", default=None,
+                         help="calibrate on the images of this Kaggle-style folder (distortion00.npy ...) or "
+                              "CIFAR-100-C folder instead of training images; the check stays on --data-dir")
         cmd.add_argument("--seed", type=int, default=0, help="the samples' seed (default %(default)s)")
 
     cmd = sub.add_parser("onnx", help="write OUT/<part>.onnx (and --fp16: OUT/<part>.fp16.onnx), checked in ONNX Runtime")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from training.contract import INPUT_NAME, OUTPUT_NAME
+from training.data import locate
 from training.files import atomic_path
 
 from .onnx import Artifact, ExportError, decoded_metadata, ort_session
@@ -46,10 +47,11 @@ def preprocessing_nodes(proto):
     return names
 
 
-def sample(data_dir, recipe, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0):
-    """(calibration images, held-out images, their labels, where they came from): a seeded sample of the training
-    images the recipe trained on, and one of its validation split (neither calibration nor training saw it)."""
-    from training.data import DataError, load_cifar100, locate, split_train_val
+def sample(data_dir, recipe, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0, calib_dir=None):
+    """(calibration images, held-out images, their labels, where the calibration images came from): a seeded sample
+    of the training images the recipe trained on (or, with CALIB_DIR, of a Kaggle-style or CIFAR-100-C folder's
+    images: calibration needs no labels), and one of its validation split (neither calibration nor training saw it)."""
+    from training.data import DataError, load_cifar100, split_train_val
 
     try:
         data = load_cifar100(data_dir)
@@ -64,7 +66,25 @@ def sample(data_dir, recipe, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGE
     if not len(calib) or not len(check):
         raise ExportError(f"{data_dir}: too few training images to calibrate and check INT8 "
                           f"({len(calib)} for calibration, {len(check)} held out)")
+    if calib_dir is not None:
+        return folder_sample(calib_dir, calib_images, rng), data.train_images[check], data.train_labels[check], \
+            str(calib_dir)
     return data.train_images[np.sort(calib)], data.train_images[check], data.train_labels[check], str(locate(data_dir))
+
+
+def folder_sample(folder, count, rng):
+    """COUNT images drawn (seeded) from all the files of a Kaggle-style or CIFAR-100-C folder, read as the scoring
+    client reads them."""
+    from serving.score import ScoreError, open_ood_dir
+
+    try:
+        sources, _, _ = open_ood_dir(folder)
+    except ScoreError as e:
+        raise ExportError(f"INT8 calibration images: {e}") from None
+    starts = np.cumsum([0] + [len(s.images) for s in sources])
+    picks = np.sort(rng.choice(starts[-1], min(count, starts[-1]), replace=False))
+    files = np.searchsorted(starts, picks, side="right") - 1
+    return np.stack([sources[f].images[i - starts[f]] for f, i in zip(files, picks)])
 
 
 def quantize(fp32_path, out_path, images, symmetric=False):
@@ -151,14 +171,16 @@ def check(fp32_path, int8_path, images, labels, name):
                       "faster": bool(speed["int8"] > speed["fp32"])}}
 
 
-def export_int8(fp32, data_dir, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0, symmetric=False):
+def export_int8(fp32, data_dir, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0, symmetric=False,
+                calib_dir=None):
     """OUT/<part>.int8.onnx (symmetric: <part>.int8-symmetric.onnx) next to the FP32 Artifact FP32, with its sidecar
     recording the calibration and the check: the INT8 Artifact. Nothing is written when the check fails."""
     recipe = fp32.info["recipe"]
     path = fp32.path.with_name(int8_name(recipe["name"], symmetric))
-    calib, held_out, labels, source = sample(data_dir, recipe, calib_images, check_images, seed)
-    log.info("quantizing %s to INT8 (QDQ, %s activations), calibrated on %d training images of %s", fp32.path.name,
-             "symmetric int8" if symmetric else "uint8", len(calib), source)
+    calib, held_out, labels, source = sample(data_dir, recipe, calib_images, check_images, seed, calib_dir)
+    log.info("quantizing %s to INT8 (QDQ, %s activations), calibrated on %d %s images of %s", fp32.path.name,
+             "symmetric int8" if symmetric else "uint8", len(calib), "training" if calib_dir is None else "folder",
+             source)
     start = time.perf_counter()
     with atomic_path(path) as tmp:
         excluded = quantize(fp32.path, tmp, calib, symmetric)
@@ -173,8 +195,9 @@ def export_int8(fp32, data_dir, calib_images=CALIB_IMAGES, check_images=CHECK_IM
                              "activations": "int8, symmetric" if symmetric else "uint8", "ranges": "min-max",
                              "float_nodes": excluded, "seconds": round(time.perf_counter() - start, 1)},
             "calibration": {"images": len(calib), "seed": seed, "source": source,
-                            "split": "training images of the recipe's training split"},
-            "check": {**report, "source": source, "split": "the recipe's validation split (held out from training "
+                            "split": "training images of the recipe's training split" if calib_dir is None
+                            else "the folder's images, every file"},
+            "check": {**report, "source": str(locate(data_dir)), "split": "the recipe's validation split (held out from training "
                       "and calibration)", "passed": True},
             "fp32": fp32.path.name}
     artifact = Artifact(path, info)

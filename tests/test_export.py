@@ -21,7 +21,7 @@ from serving.tensorrt import unavailable_reason
 from training.checkpoint import load_checkpoint, load_classifier, save_random_checkpoint, sha256
 from training.models import build_classifier
 from training.recipes import Part1
-from training.synthetic import CLASSES, write_dataset
+from training.synthetic import CLASSES, write_corrupted, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRT_SKIP = unavailable_reason()
@@ -399,6 +399,13 @@ def test_int8_calibrates_and_checks_on_different_images(int8):
     assert rows(held_out) == rows(cifar.train_images[val]) and labels.tolist() == cifar.train_labels[val].tolist()
     again = sample(data, fp32.info["recipe"], calib_images=64, seed=0)[0]
     assert (again == calib).all() and not (sample(data, fp32.info["recipe"], 64, seed=1)[0] == calib).all()
+    # Calibration on a Kaggle-style folder's images (here CIFAR-100-C's layout): the check stays on the held-out split.
+    write_corrupted(data.parent / "ood", per_severity=2)
+    from_folder, folder_held_out, _, source = sample(data, fp32.info["recipe"], 64, calib_dir=data.parent / "ood")
+    folder_images = np.concatenate([np.load(f) for f in sorted((data.parent / "ood" / "CIFAR-100-C").glob("*.npy"))
+                                    if f.name != "labels.npy"])
+    assert len(from_folder) == 64 and rows(from_folder) <= rows(folder_images) and source == str(data.parent / "ood")
+    assert (folder_held_out == held_out).all()
 
 
 def test_int8_that_does_not_reproduce_fp32_is_not_written(int8, tmp_path, monkeypatch):
