@@ -4,7 +4,8 @@
     python bench/backends.py --model-dir ~/bentoml/models/cifar100-classifier/<version>
 
 Backends: PyTorch eager FP32, eager FP16 channels_last (CUDA), torch.compile (--compile), ONNX
-Runtime CPU (FP32) and CUDA (FP32, FP16), TensorRT (when an engine, the package and a GPU are here);
+Runtime CPU (FP32, and INT8 where `export int8` wrote it) and CUDA (FP32, FP16, INT8),
+TensorRT (when an engine, the package and a GPU are here);
 with --model-dir also `served-<kind>`: serving/backends.py's backends exactly as the service runs them.
 Each is timed end to end (host uint8 batch -> host logits) per batch size; the median of the timed
 calls is reported. Iterations stop early after --max-seconds per cell, so CPU runs stay short. Every
@@ -26,7 +27,9 @@ import torch
 
 from export.onnx import Artifact, ExportError, export_checkpoint, ort_session
 from training.checkpoint import CheckpointError, load_classifier, sha256
-from training.contract import CHECKPOINT_FILE, ENGINE_FILE, INPUT_NAME, NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, random_images
+from export.int8 import int8_name
+from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, INPUT_NAME, NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE,
+                               ONNX_INT8_FILE, random_images)
 from training.files import write_json
 from training.models import TTA
 
@@ -74,15 +77,17 @@ def ort_runner(path, device):
 
 
 def find_artifacts(args, scratch):
-    """(checkpoint path, {"onnx": path, "onnx_fp16": path, "engine": path} of those present)."""
+    """(checkpoint path, {"onnx": path, "onnx_fp16": path, "onnx_int8": path, "engine": path} of those present;
+    the INT8 file only where `export int8` wrote it: it needs the training data)."""
     if args.model_dir:
         root = Path(args.model_dir)
-        names = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "engine": ENGINE_FILE}
+        names = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "onnx_int8": ONNX_INT8_FILE, "engine": ENGINE_FILE}
         return root / CHECKPOINT_FILE, {k: root / v for k, v in names.items() if (root / v).is_file()}
     checkpoint = Path(args.checkpoint)
     model, ckpt = load_classifier(checkpoint)
     part, digest, root = ckpt["recipe"]["name"], sha256(checkpoint), Path(args.artifacts)
-    names = {"onnx": f"{part}.onnx", "onnx_fp16": f"{part}.fp16.onnx", "engine": f"{part}.engine"}
+    names = {"onnx": f"{part}.onnx", "onnx_fp16": f"{part}.fp16.onnx", "onnx_int8": int8_name(part),
+             "engine": f"{part}.engine"}
     found = {}
     for key, name in names.items():
         try:
@@ -129,11 +134,15 @@ def backends(args, checkpoint, artifacts, device, skipped):
         yield "torch-compile", device, precision, args.tta, run
     if "onnxruntime-cpu" in want or ("onnxruntime" in want and not gpu):
         yield "onnxruntime", "cpu", "fp32", args.tta, ort_runner(artifacts["onnx"], "cpu")
+        if "onnx_int8" in artifacts:
+            yield "onnxruntime", "cpu", "int8", args.tta, ort_runner(artifacts["onnx_int8"], "cpu")
+        else:
+            skipped["onnxruntime int8"] = "no INT8 file (python -m export int8)"
     if "onnxruntime" in want:
         if gpu and (reason := ort_unavailable(device)):
             skipped["onnxruntime"] = reason
         elif gpu:
-            for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16")):
+            for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16"), ("onnx_int8", "int8")):
                 if key not in artifacts:
                     continue
                 if (run := ort_runner(artifacts[key], device)) is None:
@@ -147,7 +156,8 @@ def backends(args, checkpoint, artifacts, device, skipped):
         elif "engine" not in artifacts:
             skipped["tensorrt"] = "no engine (python -m export tensorrt)"
         else:
-            yield "tensorrt", device, "fp16", args.tta, TensorRTRunner(artifacts["engine"], device)
+            precision = Artifact.load(artifacts["engine"]).info.get("precision", "fp16")   # fp16 or int8
+            yield "tensorrt", device, precision, args.tta, TensorRTRunner(artifacts["engine"], device)
     if args.model_dir:
         from serving.backends import BackendError, load_backend
         for kind in ("torch", "onnx", "tensorrt"):

@@ -1,5 +1,5 @@
-"""A checkpoint to ONNX (FP32, FP16), a TensorRT engine and the BentoML model store; each file checked before it is
-written. `python -m export STEP` runs these functions, with the same names for its options:
+"""A checkpoint to ONNX (FP32, FP16, INT8), a TensorRT engine and the BentoML model store; each file checked before
+it is written. `python -m export STEP` runs these functions, with the same names for its options:
 
     from export import export_all
     model = export_all("runs/part1/best.pt", out="artifacts")   # the bentoml.Model now in the store
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from serving.backends import GPU_CHUNK
 from training.contract import MODEL_NAME
+
+from .int8 import CALIB_IMAGES, CHECK_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,19 @@ def export_onnx(checkpoint, out="artifacts", *, fp16=False, tta="none"):
     from .onnx import export_checkpoint
 
     return export_checkpoint(*load(checkpoint), Path(out), fp16=fp16, tta=tta)
+
+
+def export_int8(onnx, data_dir="data", *, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGES, seed=0,
+                symmetric=False, calib_dir=None):
+    """OUT/<part>.int8.onnx next to the FP32 ONNX file ONNX (a file or an Artifact): calibrated on CALIB_IMAGES of
+    the training images in DATA_DIR (seeded), written only if it reproduces the FP32 file on CHECK_IMAGES of its
+    validation split; calib_dir: calibrate on a Kaggle-style (or CIFAR-100-C) folder's images instead; symmetric=True
+    writes the signed, zero-point-0 variant TensorRT takes. Its Artifact."""
+    from .int8 import export_int8 as quantize
+    from .onnx import Artifact
+
+    onnx = onnx if isinstance(onnx, Artifact) else Artifact.load(onnx)
+    return quantize(onnx, data_dir, calib_images, check_images, seed, symmetric, calib_dir)
 
 
 def export_tensorrt(onnx, out="artifacts", *, min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK, workspace_gib=None):
@@ -52,17 +67,26 @@ def export_bento(checkpoint, artifacts="artifacts", *, name=MODEL_NAME):
 
 
 def export_all(checkpoint, out="artifacts", *, name=MODEL_NAME, tta="none", min_batch=1, opt_batch=GPU_CHUNK,
-               max_batch=GPU_CHUNK, workspace_gib=None):
-    """ONNX, FP16 ONNX, the TensorRT engine where TensorRT and a GPU are present, then the model store: the
-    bentoml.Model. Each step hands what it made to the next; nothing is read back from disk."""
+               max_batch=GPU_CHUNK, workspace_gib=None, int8=False, data_dir="data", calib_images=CALIB_IMAGES,
+               check_images=CHECK_IMAGES, seed=0, calib_dir=None):
+    """ONNX, FP16 ONNX, with int8=True the INT8 ONNX file (export_int8's options) when it passes its check, the
+    TensorRT engine where TensorRT and a GPU are present, then the model store: the bentoml.Model. Each step hands
+    what it made to the next; nothing is read back from disk."""
     from serving.tensorrt import unavailable_reason
 
     from . import bento
+    from .int8 import Int8Refused
     from .onnx import export_checkpoint
 
     model, ckpt, digest = load(checkpoint)
     written = export_checkpoint(model, ckpt, digest, Path(out), fp16=True, tta=tta)
     artifacts = list(written.values())
+    if int8:
+        try:
+            artifacts.append(export_int8(written["fp32"], data_dir, calib_images=calib_images,
+                                         check_images=check_images, seed=seed, calib_dir=calib_dir))
+        except Int8Refused as e:   # the other artifacts stand; the store gets no INT8 file
+            log.warning("%s", e)
     if reason := unavailable_reason():
         log.info("skipping TensorRT: %s", reason)
     else:  # TensorRT 11 takes its precision from the graph; 10 sets FP16 on the FP32 graph itself

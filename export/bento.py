@@ -1,6 +1,7 @@
 """Save a checkpoint and its exported artifacts as one BentoML model (training/contract.py names it and its files).
 
-Store layout: checkpoint.pt, model.onnx, and when exported model.fp16.onnx, model.engine + model.engine.json.
+Store layout: checkpoint.pt, model.onnx, and when exported model.fp16.onnx, model.int8.onnx + model.int8.onnx.json,
+model.engine + model.engine.json.
 Every artifact must come from this very checkpoint (its sha256 is in each artifact's sidecar), so a stale file
 from an earlier export is refused.
 """
@@ -9,8 +10,9 @@ import shutil
 from pathlib import Path
 
 from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, INPUT, MODEL_NAME, ONNX_FILE,
-                               ONNX_FP16_FILE, OUTPUT)
+                               ONNX_FP16_FILE, ONNX_INT8_FILE, ONNX_INT8_INFO_FILE, OUTPUT)
 
+from .int8 import int8_name
 from .onnx import Artifact, ExportError
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ def find_artifacts(artifacts_dir, part, checkpoint_sha256):
     sidecars), all checked to be exports of the checkpoint with this sha256. The FP32 ONNX file is required."""
     artifacts_dir = Path(artifacts_dir)
     found = []
-    for name in (f"{part}.onnx", f"{part}.fp16.onnx", f"{part}.engine"):
+    for name in (f"{part}.onnx", f"{part}.fp16.onnx", int8_name(part), f"{part}.engine"):
         if (artifacts_dir / name).is_file():
             found.append(Artifact.load(artifacts_dir / name))
     if not any(a.path.name == f"{part}.onnx" for a in found):
@@ -40,6 +42,8 @@ def store_files(artifacts):
     for artifact in artifacts:
         if artifact.path.suffix == ".engine":
             files[ENGINE_FILE], files[ENGINE_INFO_FILE] = artifact.path, Artifact.sidecar(artifact.path)
+        elif artifact.info.get("precision") == "int8":   # the backend reads the check's figures from the sidecar
+            files[ONNX_INT8_FILE], files[ONNX_INT8_INFO_FILE] = artifact.path, Artifact.sidecar(artifact.path)
         else:
             files[ONNX_FP16_FILE if artifact.info.get("precision") == "fp16" else ONNX_FILE] = artifact.path
     return files

@@ -2,8 +2,11 @@
 
 TensorRT 11 networks are always strongly typed: precision comes from the graph, so build the FP16 engine from
 the FP16 ONNX file. TensorRT 10 is weakly typed by default: there BuilderFlag.FP16 lets it pick FP16 kernels for
-an FP32 graph. An engine runs only on the GPU model and TensorRT version it was built with; <engine>.json records
-both next to it. Running an engine is serving's job (serving/tensorrt.py); the check here uses that runner.
+an FP32 graph. INT8 is explicit quantization: the Q/DQ nodes of `export int8 --symmetric`'s file say where
+(TensorRT takes signed int8 with zero point 0 only; its calibrator API is deprecated since 10.1); TensorRT 10 also
+needs the INT8 flag for them. An engine runs only on the GPU model and TensorRT version it was built with;
+<engine>.json records both next to it. Running an engine is serving's job (serving/tensorrt.py); the check here
+uses that runner.
 """
 import logging
 from pathlib import Path
@@ -41,6 +44,10 @@ def profile_shapes(min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK):
 def build_engine(onnx, engine_path, min_batch=1, opt_batch=GPU_CHUNK, max_batch=GPU_CHUNK, workspace_gib=None):
     """Build an engine from an ONNX Artifact, check it against ONNX Runtime, write ENGINE and ENGINE.json.
     Returns the engine's Artifact."""
+    precision = onnx.info.get("precision", "fp32")
+    if precision == "int8" and (onnx.info.get("quantization") or {}).get("activations") == "uint8":
+        raise ExportError(f"{onnx.path.name} has uint8 activations (for ONNX Runtime); TensorRT takes signed int8 "
+                          f"with zero point 0: build from the file `python -m export int8 --symmetric` writes")
     if reason := unavailable_reason():
         raise TensorRTUnavailable(f"cannot build a TensorRT engine: {reason}")
     shapes = profile_shapes(min_batch, opt_batch, max_batch)
@@ -54,11 +61,13 @@ def build_engine(onnx, engine_path, min_batch=1, opt_batch=GPU_CHUNK, max_batch=
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx.path}: {errors}")
     config = builder.create_builder_config()
-    precision = onnx.info.get("precision", "fp32")
     if tensorrt_major() < 11:
         config.set_flag(trt.BuilderFlag.FP16)  # weak typing: let TensorRT 10 choose FP16 kernels
-        precision = "fp16"
-    elif precision != "fp16":
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)   # the Q/DQ layers' int8 kernels (float layers may take FP16)
+        else:
+            precision = "fp16"
+    elif precision == "fp32":
         log.warning("%s is an FP32 graph: TensorRT %s builds it in FP32; pass the .fp16.onnx file for FP16",
                     onnx.path.name, trt.__version__)
     if workspace_gib:

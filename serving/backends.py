@@ -4,8 +4,9 @@
   torch     checkpoint.pt; on a GPU fp16 + channels_last, torch.compile'd with one CUDA graph per batch bucket
             (compiled at load; CIFAR100_TORCH_COMPILE=0: eager), through preallocated pinned host buffers with
             asynchronous copies, all on one thread; on the CPU fp32 eager
-  onnx      model.onnx (model.fp16.onnx on a GPU when present) in ONNX Runtime with I/O binding, CUDA EP on a GPU
-            (checked after the session starts: model.onnx on the CPU when the CUDA libraries do not load)
+  onnx      model.onnx in ONNX Runtime with I/O binding, CUDA EP on a GPU (checked after the session starts: the CPU
+            when the CUDA libraries do not load); CIFAR100_ONNX_PRECISION picks the file, by default model.fp16.onnx
+            on a GPU when present, model.int8.onnx on the CPU when export found it faithful and faster
   tensorrt  model.engine through serving.tensorrt.TensorRTRunner, only when the engine was built for this GPU
   auto      every one of them that can run on this machine's device, timed on the same batch after warm-up;
             the fastest serves (describe() shows the measured img/s and why the others were left out)
@@ -26,7 +27,8 @@ import yaml
 
 from serving import settings
 from training.contract import (CHECKPOINT_FILE, ENGINE_FILE, ENGINE_INFO_FILE, IMAGE_SHAPE, MODEL_INFO_FILE,
-                               NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, BatchError, blank_images, check_batch, chunks)
+                               NUM_CLASSES, ONNX_FILE, ONNX_FP16_FILE, ONNX_INT8_FILE, ONNX_INT8_INFO_FILE, BatchError,
+                               blank_images, check_batch, chunks)
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "torch", "onnx", "tensorrt")
@@ -242,12 +244,40 @@ def cuda_provider(device):
     return "CUDAExecutionProvider", {"device_id": cuda_index(device), "cudnn_conv_algo_search": "HEURISTIC"}
 
 
+ONNX_FILES = {"fp32": ONNX_FILE, "fp16": ONNX_FP16_FILE, "int8": ONNX_INT8_FILE}
+
+
+def int8_preferred(model_dir):
+    """Whether the CPU should run model.int8.onnx: export wrote it (so it passed its check against FP32) and measured
+    it faster than FP32 on the CPU; the figures are in its sidecar."""
+    info = Path(model_dir) / ONNX_INT8_INFO_FILE
+    if not (Path(model_dir) / ONNX_INT8_FILE).is_file() or not info.is_file():
+        return False
+    check = json.loads(info.read_text()).get("check") or {}
+    return bool(check.get("passed") and (check.get("speed") or {}).get("faster"))
+
+
+def onnx_precision(model_dir, gpu, wanted=None):
+    """The precision of the ONNX file to serve: WANTED (else CIFAR100_ONNX_PRECISION) when set, and its file must be
+    there; otherwise fp16 on a GPU when exported, int8 on the CPU when int8_preferred(), else fp32."""
+    wanted = wanted or settings.get().onnx_precision
+    if wanted is not None:
+        if not (Path(model_dir) / ONNX_FILES[wanted]).is_file():
+            raise BackendError(f"no {ONNX_FILES[wanted]} in {model_dir} for CIFAR100_ONNX_PRECISION={wanted}: "
+                               f"export it, or unset the setting")
+        return wanted
+    if gpu:
+        return "fp16" if (Path(model_dir) / ONNX_FP16_FILE).is_file() else "fp32"
+    return "int8" if int8_preferred(model_dir) else "fp32"
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
-    def __init__(self, model_dir, device=None):
+    def __init__(self, model_dir, device=None, precision=None):
         import onnxruntime as ort
 
+        self.wanted = precision
         model_dir = Path(model_dir)
         if not (model_dir / ONNX_FILE).is_file():
             raise BackendError(f"no {ONNX_FILE} in {model_dir}")
@@ -263,14 +293,13 @@ class OnnxBackend(Backend):
         self.start(ort, model_dir, "cpu")
 
     def start(self, ort, model_dir, device):
-        """The session on DEVICE: model.fp16.onnx on a GPU when there is one, model.onnx otherwise."""
+        """The session on DEVICE over the file onnx_precision() picks."""
         gpu = device.startswith("cuda")
-        path, precision = model_dir / ONNX_FILE, "fp32"
+        precision = onnx_precision(model_dir, gpu, self.wanted)
+        path = model_dir / ONNX_FILES[precision]
         if gpu:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-            if (model_dir / ONNX_FP16_FILE).is_file():
-                path, precision = model_dir / ONNX_FP16_FILE, "fp16"
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings
         options = ort.SessionOptions()

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     model: str = f"{MODEL_NAME}:latest"   # a model store entry; a bare name means its latest version
     backend: typing.Literal["auto", "torch", "onnx", "tensorrt"] = "auto"   # serving.backends.KINDS
     torch_compile: bool = True
+    # The ONNX backend's file. None: on a GPU fp16 when exported; on the CPU int8 when exported, checked and faster
+    # at export (serving/backends.py), else fp32.
+    onnx_precision: typing.Literal["fp32", "fp16", "int8"] | None = None
     max_batch_size: int = Field(1024, ge=1)
     max_latency_ms: int = Field(30_000, ge=1, le=1000 * TRAFFIC_TIMEOUT_S)   # longer: the traffic timeout's 504 first
     max_images: int = Field(4096, ge=1)
@@ -109,8 +112,10 @@ def accepted(field):
     if typing.get_origin(kind) in (typing.Union, types.UnionType):   # X | None
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
     if typing.get_origin(kind) is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(kind)))
-    words = {int: "a whole number", float: "a number", bool: "1 or 0 (true/false, yes/no, on/off)"}.get(kind, "text")
+        words = "one of " + ", ".join(map(str, typing.get_args(kind)))
+    else:
+        words = {int: "a whole number", float: "a number",
+                 bool: "1 or 0 (true/false, yes/no, on/off)"}.get(kind, "text")
     bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le") if getattr(m, k, None) is not None}
     if "ge" in bounds and "le" in bounds:
         words += f" from {bounds['ge']} to {bounds['le']}"

@@ -1,12 +1,14 @@
 """The backends of serving/backends.py against the PyTorch model they were exported from (CPU here; the paths that
 exist only on a GPU are in test_gpu.py)."""
 import concurrent.futures
+import json
 
 import numpy as np
 import pytest
 import torch
 
 import serving.backends
+from serving import settings
 from serving.backends import (BackendError, OnnxBackend, TorchBackend, cpu_threads, cuda_provider, engine_mismatch,
                               load_backend, own_cudagraph_trees)
 from training.checkpoint import load_classifier
@@ -74,6 +76,73 @@ def test_bad_kind_and_bad_input(model_dir):
     backend = load_backend("onnx", model_dir)
     with pytest.raises(BackendError, match="expected an array of uint8 N×32×32×3"):
         backend(np.zeros((2, 32, 32, 3), np.float32))
+
+
+@pytest.fixture(scope="module")
+def with_int8(model_dir, tmp_path_factory):
+    """make(sidecar) -> a copy of the model's entry with model.int8.onnx (quantized here, calibrated on random
+    images) and, unless None, SIDECAR as model.int8.onnx.json."""
+    from export.int8 import quantize
+    from training.contract import random_images
+
+    int8_file = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    quantize(model_dir / "model.onnx", int8_file, random_images(64, seed=3))
+
+    def make(sidecar, name="entry"):
+        entry = tmp_path_factory.mktemp(name)
+        for f in model_dir.iterdir():
+            (entry / f.name).symlink_to(f)
+        (entry / "model.int8.onnx").symlink_to(int8_file)
+        if sidecar is not None:
+            (entry / "model.int8.onnx.json").write_text(json.dumps(sidecar))
+        return entry
+    return make
+
+
+def passed(faster):
+    return {"precision": "int8", "check": {"passed": True, "speed": {"faster": faster}}}
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """Settings read afresh after the test sets a variable."""
+    monkeypatch.delenv("CIFAR100_ONNX_PRECISION", raising=False)
+    settings.get.cache_clear()
+    yield monkeypatch
+    settings.get.cache_clear()
+
+
+def test_onnx_serves_int8_on_the_cpu_when_export_found_it_faithful_and_faster(with_int8, images, reference, environ):
+    backend = load_backend("onnx", with_int8(passed(faster=True)))
+    assert (backend.device, backend.precision, backend.describe()["precision"]) == ("cpu", "int8", "int8")
+    assert "model.int8.onnx" in backend.session._model_path
+    logits = backend(images)
+    assert logits.dtype == np.float32 and logits.shape == (37, 100)
+    assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.9   # random weights and calibration: near-ties
+    assert 0 < np.abs(logits - reference).max() < 0.1 * np.abs(reference).max()   # int8 indeed, and close
+    auto = load_backend("auto", with_int8(passed(faster=True)))   # auto weighs the ONNX backend as it serves
+    assert auto.auto["img_per_s"].keys() == {"torch", "onnx"}
+    assert auto.name == "torch" or auto.precision == "int8"
+
+
+@pytest.mark.parametrize("sidecar", [None, passed(faster=False),
+                                     {"check": {"passed": False, "speed": {"faster": True}}}])
+def test_onnx_serves_fp32_unless_int8_passed_and_was_faster(with_int8, images, reference, environ, sidecar):
+    backend = load_backend("onnx", with_int8(sidecar))
+    assert backend.precision == "fp32"
+    np.testing.assert_allclose(backend(images), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_the_onnx_precision_setting_chooses_the_file(with_int8, model_dir, environ):
+    entry = with_int8(passed(faster=True))
+    environ.setenv("CIFAR100_ONNX_PRECISION", "fp32")
+    settings.get.cache_clear()
+    assert load_backend("onnx", entry).precision == "fp32"
+    environ.setenv("CIFAR100_ONNX_PRECISION", "int8")
+    settings.get.cache_clear()
+    assert load_backend("onnx", with_int8(passed(faster=False))).precision == "int8"   # asked for: served
+    with pytest.raises(BackendError, match=r"no model.int8.onnx in .* for CIFAR100_ONNX_PRECISION=int8: export it"):
+        load_backend("onnx", model_dir)
 
 
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, CUDA graphs, fp16)")

@@ -17,7 +17,8 @@ CODE = sorted(p for folder in ("training", "export", "serving", "loadtest", "ben
               for p in (ROOT / folder).glob("*.py") if p.name != "contract.py")
 SCRIPTS = sorted([*ROOT.glob("bench/*.sh"), *ROOT.glob("container/*.sh"), ROOT / "Makefile"])
 STORE_NAMES = {contract.MODEL_NAME, contract.CHECKPOINT_FILE, contract.ONNX_FILE, contract.ONNX_FP16_FILE,
-               contract.ENGINE_FILE, contract.ENGINE_INFO_FILE, contract.INPUT, contract.OUTPUT}
+               contract.ONNX_INT8_FILE, contract.ONNX_INT8_INFO_FILE, contract.ENGINE_FILE, contract.ENGINE_INFO_FILE,
+               contract.INPUT, contract.OUTPUT}
 
 
 @pytest.mark.parametrize("dtype, shape, status, message", [
@@ -84,7 +85,7 @@ def test_bentofile_and_scripts_agree_with_the_contract():
     for script in SCRIPTS:
         text = script.read_text()
         assert not re.search(r"32, ?32, ?3\b", text), f"{script.name} spells out the image shape"
-        assert not re.search(r"cifar100-classifier|model\.(fp16\.)?onnx|model\.engine|checkpoint\.pt", text), \
+        assert not re.search(r"cifar100-classifier|model\.(fp16\.|int8\.)?onnx|model\.engine|checkpoint\.pt", text), \
             f"{script.name} names the model store's entry or files: take them from training/contract.py"
 
 

@@ -1,4 +1,4 @@
-"""Export layer: ONNX (FP32 + FP16) with preprocessing inside, TensorRT, BentoML model store, CLI.
+"""Export layer: ONNX (FP32 + FP16 + INT8) with preprocessing inside, TensorRT, BentoML model store, CLI.
 
 Models are random-weight: the Part 1 CNN at 32 px, and ResNet-50 (Part 3, weights none) at 64 px so
 the graph keeps its Resize node but runs quickly on a CPU (its parity check uses batches 1 and 7).
@@ -21,7 +21,7 @@ from serving.tensorrt import unavailable_reason
 from training.checkpoint import load_checkpoint, load_classifier, save_random_checkpoint, sha256
 from training.models import build_classifier
 from training.recipes import Part1
-from training.synthetic import CLASSES
+from training.synthetic import CLASSES, write_corrupted, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRT_SKIP = unavailable_reason()
@@ -235,10 +235,12 @@ def test_cli_tensorrt_says_why_it_cannot_build(part1):
 def test_cli_all_exports_and_saves_to_the_bentoml_store(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "best.pt", "part1", seed=3)
     env = {"BENTOML_HOME": str(tmp_path / "bentoml")}  # the store lives in the tmp dir, not ~/bentoml
+    write_dataset(tmp_path / "data", per_class=10)
     result = run_cli("all", "--checkpoint", checkpoint, "--out", tmp_path / "artifacts", "--opt-batch", "16",
-                     "--max-batch", "64", env=env)
+                     "--max-batch", "64", "--int8", "--data-dir", tmp_path / "data", "--calib-images", "32", env=env)
     assert result.returncode == 0, result.stderr
     assert "part1.onnx (fp32" in result.stderr and "part1.fp16.onnx (fp16" in result.stderr
+    assert "calibrated on 32 training images" in result.stderr and "wrote " in result.stderr
     if TRT_SKIP:
         assert f"skipping TensorRT: {TRT_SKIP}" in result.stderr
     read_back = subprocess.run([sys.executable, "-c", (
@@ -250,8 +252,8 @@ def test_cli_all_exports_and_saves_to_the_bentoml_store(tmp_path):
     assert read_back.returncode == 0, read_back.stderr
     stored = json.loads(read_back.stdout.strip().splitlines()[-1])
     meta = stored["metadata"]
-    expected_files = ["checkpoint.pt", "model.fp16.onnx", "model.onnx"] + ([] if TRT_SKIP else ["model.engine",
-                                                                                              "model.engine.json"])
+    expected_files = ["checkpoint.pt", "model.fp16.onnx", "model.int8.onnx", "model.int8.onnx.json", "model.onnx"]
+    expected_files += [] if TRT_SKIP else ["model.engine", "model.engine.json"]
     assert meta["artifacts"] == sorted(expected_files)
     assert stored["files"] == sorted(expected_files + ["model.yaml"])
     assert stored["path"].startswith(str(tmp_path / "bentoml"))
@@ -321,7 +323,139 @@ def test_tensorrt_profile_is_tuned_for_the_chunks_the_service_sends():
         profile_shapes(1, 512, 256)
 
 
+# --- INT8 ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def int8(tmp_path_factory):
+    """A random-weight Part 1 model's FP32 file, generated training data (10 images per class: the recipe's
+    validation split holds 100) and the INT8 file calibrated on 64 of its training images."""
+    from export.int8 import export_int8
+
+    root = tmp_path_factory.mktemp("int8")
+    write_dataset(root / "data", per_class=10)
+    checkpoint = make_checkpoint(root / "part1.pt", "part1")
+    model, ckpt = load_classifier(checkpoint)
+    fp32 = export_checkpoint(model, ckpt, sha256(checkpoint), root / "artifacts", sizes=(1,))["fp32"]
+    return fp32, export_int8(fp32, root / "data", calib_images=64), root / "data"
+
+
+def test_int8_keeps_the_contract_and_quantizes_the_network_only(int8):
+    fp32, quantized, _ = int8
+    assert quantized.path.name == "part1.int8.onnx" and Artifact.sidecar(quantized.path).is_file()
+    assert io_signature(quantized.path) == io_signature(fp32.path)   # uint8 N×32×32×3 in, float32 logits out
+    graph = onnx.load(str(quantized.path)).graph
+    made_by = {out: n for n in graph.node for out in n.output}
+    # the preprocessing stays in float: cast, layout, normalisation, none of them fed by a DequantizeLinear
+    preprocessing = [n for n in graph.node if n.name in quantized.info["quantization"]["float_nodes"]]
+    assert [n.op_type for n in preprocessing] == ["Cast", "Transpose", "Mul", "Add"]
+    assert preprocessing[0].input == ["images"]
+    assert not [i for n in preprocessing for i in n.input if i in made_by and made_by[i].op_type == "DequantizeLinear"]
+    # ... and the network's first layer reads its output through a Q/DQ pair
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    dq = made_by[conv.input[0]]
+    assert dq.op_type == "DequantizeLinear" and made_by[dq.input[0]].input[0] == preprocessing[-1].output[0]
+    init = {t.name: t for t in graph.initializer}
+    weights = [init[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init
+               and init[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 5 and all(len(w.dims) in (1, 2, 4) for w in weights)   # 3 conv + 2 FC weights (+ biases)
+    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and init.get(n.input[1]) is not None
+                   and len(init[n.input[1]].dims) == 1 and init[n.input[1]].dims[0] > 1]
+    assert per_channel, "per-channel weight scales"
+    activations = {init[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert activations == {onnx.TensorProto.UINT8}
+    assert read_metadata(quantized.path)["precision"] == "int8"
+    assert read_metadata(quantized.path)["checkpoint_sha256"] == fp32.info["checkpoint_sha256"]
+
+
+def test_int8_sidecar_records_the_calibration_and_the_check(int8):
+    fp32, quantized, data = int8
+    info = json.loads(Artifact.sidecar(quantized.path).read_text())
+    assert info["precision"] == "int8" and info["fp32"] == "part1.onnx"
+    assert info["calibration"] == {"images": 64, "seed": 0, "source": str(data / "cifar-100-python"),
+                                   "split": "training images of the recipe's training split"}
+    check = info["check"]
+    assert check["passed"] and check["images"] == 100 and check["top1_agreement"] >= 0.99
+    assert abs(check["int8_accuracy"] - check["fp32_accuracy"]) <= 0.005
+    assert check["speed"]["fp32_img_per_s"] > 0 and check["speed"]["int8_img_per_s"] > 0
+    assert info["quantization"]["activations"] == "uint8" and info["quantization"]["format"] == "QDQ"
+    # and ONNX Runtime reproduces FP32's classes on images it was not calibrated on
+    images = random_batches((64,), seed=5)[0]
+    expected = ort_session(fp32.path, "cpu").run(None, {"images": images})[0]
+    got = ort_session(quantized.path, "cpu").run(None, {"images": images})[0]
+    assert got.dtype == np.float32 and got.shape == (64, 100)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
+
+
+def test_int8_calibrates_and_checks_on_different_images(int8):
+    from export.int8 import sample
+    from training.data import load_cifar100, split_train_val
+
+    fp32, _, data = int8
+    calib, held_out, labels, _ = sample(data, fp32.info["recipe"], calib_images=64, check_images=1000)
+    rows = lambda images: {image.tobytes() for image in images}   # noqa: E731 (generated images are all distinct)
+    assert len(calib) == 64 and len(held_out) == 100 and not rows(calib) & rows(held_out)
+    cifar = load_cifar100(data)
+    _, val = split_train_val(len(cifar.train_labels), fp32.info["recipe"]["val_fraction"], fp32.info["recipe"]["seed"])
+    assert rows(held_out) == rows(cifar.train_images[val]) and labels.tolist() == cifar.train_labels[val].tolist()
+    again = sample(data, fp32.info["recipe"], calib_images=64, seed=0)[0]
+    assert (again == calib).all() and not (sample(data, fp32.info["recipe"], 64, seed=1)[0] == calib).all()
+    # Calibration on a Kaggle-style folder's images (here CIFAR-100-C's layout): the check stays on the held-out split.
+    write_corrupted(data.parent / "ood", per_severity=2)
+    from_folder, folder_held_out, _, source = sample(data, fp32.info["recipe"], 64, calib_dir=data.parent / "ood")
+    folder_images = np.concatenate([np.load(f) for f in sorted((data.parent / "ood" / "CIFAR-100-C").glob("*.npy"))
+                                    if f.name != "labels.npy"])
+    assert len(from_folder) == 64 and rows(from_folder) <= rows(folder_images) and source == str(data.parent / "ood")
+    assert (folder_held_out == held_out).all()
+
+
+def test_int8_that_does_not_reproduce_fp32_is_not_written(int8, tmp_path, monkeypatch):
+    import export.int8
+    from export.int8 import export_int8
+
+    fp32, _, data = int8
+    copy = Artifact(tmp_path / fp32.path.name, fp32.info)
+    copy.path.write_bytes(fp32.path.read_bytes())
+    monkeypatch.setattr(export.int8, "MIN_AGREEMENT", 1.01)   # a bound no file can meet
+    with pytest.raises(ExportError, match=r"part1.int8.onnx does not reproduce the FP32 model and is not written: "
+                                          r"its top-1 class agrees with FP32's on 100.00% of 100 held-out images "
+                                          r"\(at least 101% needed\)"):
+        export_int8(copy, data, calib_images=32)
+    assert sorted(os.listdir(tmp_path)) == ["part1.onnx"]   # nothing, not even a temporary file
+
+
+def test_cli_int8_without_training_data_says_so(int8, tmp_path):
+    """A refused INT8 file is a warning of `all` (the other artifacts stand); missing training data is an error."""
+    checkpoint = make_checkpoint(tmp_path / "best.pt", "part1")
+    for args in (["int8", "--onnx", int8[0].path], ["all", "--checkpoint", checkpoint, "--out", tmp_path, "--int8"]):
+        result = run_cli(*args, "--data-dir", tmp_path / "nothing", env={"BENTOML_HOME": str(tmp_path / "store")})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: INT8 needs the training images to calibrate "
+                                                                 "on: no CIFAR-100 at")
+    assert not (tmp_path / "store").exists()   # nothing went into the model store
+
+
+def test_tensorrt_refuses_uint8_activations(int8):
+    """TensorRT takes signed int8 with zero point 0 only: the ONNX Runtime file is refused before any build."""
+    from export.tensorrt import build_engine
+
+    with pytest.raises(ExportError, match="part1.int8.onnx has uint8 activations .* export int8 --symmetric"):
+        build_engine(int8[1], int8[1].path.with_suffix(".engine"))
+
+
 # --- TensorRT (needs the tensorrt package and a CUDA GPU) ----------------------------------------
+
+@pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_SKIP}")
+def test_tensorrt_int8_engine_from_the_symmetric_qdq_file(int8, tmp_path):
+    from export.int8 import export_int8
+    from export.tensorrt import build_engine
+
+    fp32, _, data = int8
+    symmetric = export_int8(fp32, data, calib_images=64, symmetric=True)
+    assert symmetric.path.name == "part1.int8-symmetric.onnx"
+    assert symmetric.info["quantization"]["activations"] == "int8, symmetric"
+    engine = build_engine(symmetric, tmp_path / "part1.engine", min_batch=1, opt_batch=16, max_batch=64)
+    assert engine.info["precision"] == "int8" and engine.info["parity"]["top1_agreement"] >= 0.99
+
 
 @pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_SKIP}")
 def test_tensorrt_engine_build_and_parity(part1, tmp_path):

@@ -66,6 +66,8 @@ def test_settings_are_read_once_from_the_environment(environ):
      "CIFAR100_MAX_BATCH_SIZE='abc' is not accepted: expected a whole number of at least 1"),
     ({"CIFAR100_BACKEND": "onxx"},
      "CIFAR100_BACKEND='onxx' is not accepted: expected one of auto, torch, onnx, tensorrt"),
+    ({"CIFAR100_ONNX_PRECISION": "int4"},
+     "CIFAR100_ONNX_PRECISION='int4' is not accepted: expected one of fp32, fp16, int8 (or unset)"),
     ({"CIFAR100_PROCESSES": "3"}, "CIFAR100_PROCESSES='3' is not accepted: expected a whole number from 1 to 2"),
     ({"CIFAR100_MAX_BODY_MB": "inf"}, "CIFAR100_MAX_BODY_MB='inf' is not accepted: expected a number above 0"),
     ({"CIFAR100_TORCH_COMPILE": "maybe"},
