@@ -30,7 +30,7 @@ COMMANDS = {
 FUNCTIONS = {"export_all": "export", "score": "serving.score"}
 
 
-def train(recipe, data_dir, out="runs", *, device="auto", resume=False, wandb_mode=None, workers=2, download=False,
+def train(recipe, data_dir, out="runs", *, device="auto", resume=False, wandb_mode=None, workers=None, download=False,
           pause_after=None, **options):
     """Train RECIPE (part1, part2, part3 or robust) on the CIFAR-100 in DATA_DIR, writing OUT/RECIPE/best.pt,
     last.pt, metrics.json and curves.png. OPTIONS change the recipe (epochs=2, lr=0.01, batch_size=64, ...:

@@ -19,7 +19,8 @@ from training.preprocess import CIFAR100_MEAN, CIFAR100_STD, Preprocess
 from training.models import FlipAveraged, head
 from training.recipes import Part1, Part2, Part3, Robust, recipe_from_dict
 from training.synthetic import write_dataset
-from training.train import EarlyStopping, build_optimizer, build_scheduler, find_batch_size, train
+from training.train import (EarlyStopping, build_ema, build_optimizer, build_scheduler, default_workers,
+                            find_batch_size, train)
 
 QUICK = dict(batch_size=64, epochs=2)
 RUN = dict(device="cpu", wandb_mode="disabled", workers=0)
@@ -244,6 +245,36 @@ def test_early_stopping():
     assert not any(never.step(1.0) for _ in range(100))
 
 
+def test_the_weight_average_warms_up_and_reaches_the_recipes_decay():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = build_ema(Robust(ema_decay=0.999), model)
+    ema.update_parameters(model)   # the first update copies the weights
+    nn.init.ones_(model.weight)
+    steps = 300
+    for _ in range(steps):
+        ema.update_parameters(model)
+    lag = math.prod(min(0.999, (1 + t) / (30 + t)) for t in range(1, steps + 1))   # what is left of the first weights
+    assert ema.module.weight.item() == pytest.approx(1 - lag, abs=1e-6)
+    assert lag < 1e-6 < 0.999 ** steps / 1e5   # a fixed 0.999 would still hold 74% of the first weights
+    # Long runs reach the recipe's decay: after 100,000 updates, one more moves the average by 1 - 0.999.
+    ema.n_averaged.fill_(100_000)
+    nn.init.constant_(model.weight, 2.0)
+    before = ema.module.weight.item()
+    ema.update_parameters(model)
+    assert ema.module.weight.item() - before == pytest.approx((2.0 - before) * 0.001, rel=1e-4)
+
+
+def test_loader_workers_default_to_the_cores_of_each_process(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")    # torchrun: two processes share the 16 cores
+    assert default_workers() == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers() == 1
+
+
 def test_batch_size_finder_on_cpu_is_the_largest_power_of_two_under_the_cap():
     model = build_classifier(Part1())
     assert find_batch_size(model, torch.device("cpu"), 256) == 256
@@ -333,6 +364,18 @@ def test_robust_recipe_runs_end_to_end_small_and_resumes_exactly(data_dir, tmp_p
     assert not all(torch.equal(full["model"][k], ema_weights[k]) for k in full["model"])
     lrs = [h["lr"] for h in full["progress"]["history"]]
     assert lrs[0] < lrs[1] and metrics["epochs_run"] == 2 and 0 <= metrics["test_acc"] <= 1
+    # Two persistent loader workers augment each image as the main process does, epoch after epoch.
+    train("robust", data_dir, tmp_path / "workers", dict(small), **{**RUN, "workers": 2})
+    two_workers = load_checkpoint(tmp_path / "workers" / "robust" / "last.pt")
+    assert all(torch.equal(value, two_workers["model"][key]) for key, value in full["model"].items())
+
+
+def test_without_wandb_the_run_warns_once_and_goes_on(data_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)   # `import wandb` raises ImportError
+    metrics = train("part1", data_dir, tmp_path, dict(QUICK, epochs=1), **{**RUN, "wandb_mode": "offline"})
+    assert metrics["epochs_run"] == 1 and (tmp_path / "part1" / "best.pt").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["wandb is not installed: this run is not tracked (pip install wandb, or pass --wandb disabled)"]
 
 
 def run_cli(*args, env=None):
@@ -382,13 +425,57 @@ def test_help_shows_each_recipe_option_with_its_meaning_and_the_parts_default(ca
     assert part == "part3" and run["data_dir"] == "d" and overrides == {"lr": 0.5, "grad_clip": None}
 
 
-def test_torchrun_two_processes_on_cpu(data_dir, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training",
-         "part1", "--data-dir", str(data_dir), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "32",
-         "--workers", "0", "--wandb", "disabled", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "part1" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["epochs_run"] == 1
-    assert result.stderr.count("test accuracy") == 1  # only rank 0 evaluates and writes
+SKEWED_RANKS = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+import training.train as loop
+from training.__main__ import main
+
+losses, train_one_epoch, evaluate = [], loop.train_one_epoch, loop.evaluate
+
+
+def skewed(model, *args, **kwargs):   # rank 1's BatchNorm statistics drift far from rank 0's after every epoch
+    stats = train_one_epoch(model, *args, **kwargs)
+    if dist.get_rank() == 1:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(10.0 ** (len(losses) + 1))
+    return stats
+
+
+def recorded(model, *args, **kwargs):   # the validation loss, and a fingerprint of the model validated
+    loss, acc = evaluate(model, *args, **kwargs)
+    if kwargs.get("distributed"):   # validation (rank 0 tests the best model alone at the end)
+        losses.append([loss, sum(t.double().sum().item() for t in model.state_dict().values())])
+    return loss, acc
+
+
+loop.train_one_epoch, loop.evaluate = skewed, recorded
+main(sys.argv[2:])
+with open(sys.argv[1] + f"/rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(losses, f)
+"""
+
+
+def test_torchrun_ranks_validate_the_same_model_and_stop_together(data_dir, tmp_path):
+    # Two CPU processes (gloo), ResNet-18 at 32 px with early stopping (patience 1). Rank 1's BatchNorm statistics
+    # are pushed far from rank 0's after every epoch: left alone, the ranks would validate different models,
+    # stop at different epochs, and one would wait for the other forever.
+    (tmp_path / "skewed.py").write_text(SKEWED_RANKS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(tmp_path / "skewed.py"), str(tmp_path), "part2", "--data-dir", str(data_dir), "--out",
+               str(tmp_path), "--resolution", "32", "--epochs", "4", "--batch-size", "32", "--early-stop-patience",
+               "1", "--lr", "0.01", "--workers", "0", "--wandb", "disabled", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        pytest.fail("the ranks did not finish together: one waits for the other")
+    assert process.returncode == 0, stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    metrics = json.loads((tmp_path / "part2" / "metrics.json").read_text())
+    assert rank0 == rank1 and len(rank0) == metrics["epochs_run"]   # the same model and loss, the same stop
+    assert metrics["world_size"] == 2 and stderr.count("test accuracy") == 1  # only rank 0 evaluates and writes

@@ -21,7 +21,9 @@ def parse_args(argv=None, prog="python -m training"):
     run.add_argument("--resume", action="store_true", help="continue from OUT/PART/last.pt")
     run.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                      help="wandb mode (default: $WANDB_MODE, else offline)")
-    run.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default 2)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="data-loader worker processes per training process (default: its share of the cores, "
+                          "less one for the training step; 1 to 16)")
     run.add_argument("--pause-after", type=int, default=None, metavar="N",
                      help="stop after N epochs of this run; continue later with --resume")
 

@@ -165,3 +165,30 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
         return image, int(self.labels[i])
+
+
+class TrainingImages(ImageDataset):
+    """The training set with the recipe's augmentation for the epoch in each key (EpochSampler's (epoch, index)),
+    so that persistent loader workers follow the epochs. Each image's randomness is seeded from (seed, epoch,
+    index): the same images come out whatever the worker count, and a resumed run repeats an uninterrupted one."""
+
+    def __init__(self, images, labels, recipe):
+        super().__init__(images, labels)
+        self.recipe, self.epoch = recipe, None
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if epoch != self.epoch:
+            self.epoch, self.transform = epoch, build_transform(self.recipe, epoch)
+        if self.transform is None:
+            return super().__getitem__(i)
+        with torch.random.fork_rng(devices=[]):   # the training loop's own random stream is left alone
+            torch.manual_seed((self.recipe.seed * 100_003 + epoch) * len(self) + i)
+            return super().__getitem__(i)
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one process: num_replicas=1) whose keys carry the epoch: (epoch, index)."""
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())

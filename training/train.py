@@ -10,15 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .contract import IMAGE_SHAPE
-from .data import ImageDataset, batch_mixer, build_transform, load_cifar100, split_train_val
+from .data import EpochSampler, ImageDataset, TrainingImages, batch_mixer, load_cifar100, split_train_val
 from .files import save_figure, write_json
 from .models import build_classifier, head
-from .recipes import RECIPES, recipe_from_dict
+from .recipes import EMA_WARMUP, RECIPES, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,30 @@ def find_batch_size(model, device, cap):
     return size
 
 
+def ema_multi_avg_fn(decay):
+    """torch's EMA update with the warmed-up decay (EMA_WARMUP); t is the AveragedModel's own count, so a resumed
+    run carries on exactly."""
+    def update(averages, params, num_averaged):
+        t = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + t) / (EMA_WARMUP + t)))(averages, params, num_averaged)
+    return update
+
+
+def build_ema(recipe, model):
+    """The moving average of the weights and BatchNorm statistics, when the recipe keeps one (else None)."""
+    if not recipe.ema_decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+
+
+def default_workers():
+    """Data-loader workers per training process: the cores this process may use, shared with the other processes
+    torchrun started on this machine, less one for the training step itself; at least 1, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, per_process - 1))
+
+
 class EarlyStopping:
     """Stop after `patience` epochs without a lower validation loss (None: never)."""
 
@@ -104,8 +128,9 @@ class EarlyStopping:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device):
-    """(mean cross-entropy, accuracy) over a loader."""
+def evaluate(model, loader, device, distributed=False):
+    """(mean cross-entropy, accuracy) over a loader; DISTRIBUTED: over every rank's loader together (the same
+    figures on every rank)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:
@@ -115,7 +140,19 @@ def evaluate(model, loader, device):
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         count += len(labels)
+    if distributed:
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
     return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def same_on_every_rank(module):
+    """Rank 0's weights and buffers on every rank. DDP syncs BatchNorm statistics only at the start of a forward,
+    so after an epoch each rank holds (and the EMA averages) its own: without this the ranks would validate, and
+    decide to stop, on different models."""
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, 0)
 
 
 def train_one_epoch(model, loader, optimizer, recipe, device, progress, mixer=None, after_step=lambda: None):
@@ -183,15 +220,20 @@ def _start_tracking(mode, recipe, run_dir):
     mode = mode or os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
         return None
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: this run is not tracked (pip install wandb, or pass --wandb disabled)")
+        return None
     return wandb.init(project="cifar100", name=recipe.name, config=dataclasses.asdict(recipe), mode=mode,
                       dir=str(run_dir), reinit="finish_previous")
 
 
-def train(part, data_dir, out="runs", overrides=None, device="auto", resume=False, wandb_mode=None, workers=2,
+def train(part, data_dir, out="runs", overrides=None, device="auto", resume=False, wandb_mode=None, workers=None,
           download=False, pause_after=None):
     """Train one recipe; returns the metrics dict (also written to OUT/PART/metrics.json). With pause_after, stop
-    after that many epochs of this run, leaving last.pt for a `resume` (returns None then)."""
+    after that many epochs of this run, leaving last.pt for a `resume` (returns None then). WORKERS: data-loader
+    processes per training process (None: default_workers())."""
     overrides = overrides or {}
     rank, world, device = _setup_distributed(device)
     run_dir = Path(out) / part
@@ -202,8 +244,10 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
     torch.manual_seed(recipe.seed)
     data = load_cifar100(data_dir, download=download)
     train_idx, val_idx = split_train_val(len(data.train_labels), recipe.val_fraction, recipe.seed)
-    train_set = ImageDataset(data.train_images[train_idx], data.train_labels[train_idx])
+    train_set = TrainingImages(data.train_images[train_idx], data.train_labels[train_idx], recipe)
     val_set = ImageDataset(data.train_images[val_idx], data.train_labels[val_idx])
+    if world > 1:   # each rank validates its share; evaluate() adds them up
+        val_set = Subset(val_set, range(rank, len(val_set), world))
     test_set = ImageDataset(data.test_images, data.test_labels)
 
     model = build_classifier(recipe).to(device)
@@ -218,9 +262,8 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer, steps_per_epoch)
     # The moving average of the weights, when the recipe keeps one, is what is validated, checkpointed as best
-    # and exported (use_buffers: BatchNorm statistics are averaged too).
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
-        if recipe.ema_decay else None
+    # and exported.
+    ema = build_ema(recipe, model)
     judged = ema.module if ema is not None else model
     progress = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_val_loss": math.inf, "stale_epochs": 0}
     if resumed:
@@ -241,29 +284,34 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
         if ema is not None:
             ema.update_parameters(model)
 
-    loader_args = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    workers = default_workers() if workers is None else workers
+    # A generator of the loaders' own: the worker seeds they draw (once with persistent workers, else every epoch)
+    # leave the training loop's random stream alone.
+    loader_args = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       generator=torch.Generator())
+    # The workers persist across epochs; the sampler tells them the epoch (the augmentation and its randomness
+    # follow it), so a resumed run repeats an uninterrupted one.
+    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, seed=recipe.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=world > 1, persistent_workers=workers > 0,
+                              **loader_args)
+    val_loader = DataLoader(val_set, shuffle=False, persistent_workers=workers > 0, **loader_args)
     test_loader = DataLoader(test_set, shuffle=False, **loader_args)
     tracker = _start_tracking(wandb_mode, recipe, run_dir) if rank == 0 else None
-    log.info("%s: %s at %d px, batch %d x %d process(es), %d train / %d val / %d test images, on %s",
-             part, recipe.arch, recipe.resolution, batch_size, world, len(train_set), len(val_set), len(test_set), device)
+    log.info("%s: %s at %d px, batch %d x %d process(es), %d train / %d val / %d test images, on %s, %d loader "
+             "workers per process", part, recipe.arch, recipe.resolution, batch_size, world, len(train_set),
+             len(val_idx), len(test_set), device, workers)
 
     first_epoch = progress["epoch"]   # of this run (pause_after counts from it)
     for epoch in range(first_epoch, recipe.epochs):
         # Randomness is a function of (seed, epoch), so a resumed run repeats an uninterrupted one.
         torch.manual_seed(recipe.seed * 100_003 + epoch)
-        train_set.transform = build_transform(recipe, epoch)
-        if world > 1:
-            sampler = DistributedSampler(train_set, shuffle=True, seed=recipe.seed)
-            sampler.set_epoch(epoch)
-            train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **loader_args)
-        else:
-            generator = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
-            train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
+        sampler.set_epoch(epoch)
         bar = lambda it: tqdm(it, desc=f"{part} epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=rank != 0)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(ddp_model, train_loader, optimizer, recipe, device, bar, mixer, after_step)
-        val_loss, val_acc = evaluate(judged, val_loader, device)
+        if world > 1:
+            same_on_every_rank(judged)
+        val_loss, val_acc = evaluate(judged, val_loader, device, distributed=world > 1)
         if not per_batch:
             scheduler.step()
         stop = stopper.step(val_loss)
