@@ -167,6 +167,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, int(self.labels[i])
 
 
+def epoch_seed(seed, epoch):
+    """The seed of an epoch's randomness (the training loop's, and each image's augmentation derives from it): a
+    function of the recipe's seed and the epoch, so a resumed run repeats an uninterrupted one."""
+    return seed * 100_003 + epoch
+
+
 class TrainingImages(ImageDataset):
     """The training set with the recipe's augmentation for the epoch in each key (EpochSampler's (epoch, index)),
     so that persistent loader workers follow the epochs. Each image's randomness is seeded from (seed, epoch,
@@ -183,7 +189,7 @@ class TrainingImages(ImageDataset):
         if self.transform is None:
             return super().__getitem__(i)
         with torch.random.fork_rng(devices=[]):   # the training loop's own random stream is left alone
-            torch.manual_seed((self.recipe.seed * 100_003 + epoch) * len(self) + i)
+            torch.manual_seed(epoch_seed(self.recipe.seed, epoch) * len(self) + i)
             return super().__getitem__(i)
 
 

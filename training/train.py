@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .contract import IMAGE_SHAPE
-from .data import EpochSampler, ImageDataset, TrainingImages, batch_mixer, load_cifar100, split_train_val
+from .data import (EpochSampler, ImageDataset, TrainingImages, batch_mixer, epoch_seed, load_cifar100,
+                   split_train_val)
 from .files import save_figure, write_json
 from .models import build_classifier, head
 from .recipes import EMA_WARMUP, RECIPES, recipe_from_dict
@@ -303,8 +304,7 @@ def train(part, data_dir, out="runs", overrides=None, device="auto", resume=Fals
 
     first_epoch = progress["epoch"]   # of this run (pause_after counts from it)
     for epoch in range(first_epoch, recipe.epochs):
-        # Randomness is a function of (seed, epoch), so a resumed run repeats an uninterrupted one.
-        torch.manual_seed(recipe.seed * 100_003 + epoch)
+        torch.manual_seed(epoch_seed(recipe.seed, epoch))
         sampler.set_epoch(epoch)
         bar = lambda it: tqdm(it, desc=f"{part} epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=rank != 0)
         lr = optimizer.param_groups[0]["lr"]
