@@ -59,6 +59,7 @@ def sample(data_dir, recipe, calib_images=CALIB_IMAGES, check_images=CHECK_IMAGE
         raise ExportError(f"INT8 needs the training images to calibrate on: {e}") from None
     train, held_out = split_train_val(len(data.train_labels), recipe.get("val_fraction", 0.1), recipe.get("seed", 0))
     rng = np.random.default_rng(seed)
+    # Drawn with CALIB_DIR too: the check then samples the same held-out images either way.
     calib = rng.choice(train, min(calib_images, len(train)), replace=False)
     if not len(held_out):   # a recipe that kept no validation split: the training images calibration left
         held_out = np.setdiff1d(train, calib)
