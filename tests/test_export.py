@@ -406,6 +406,8 @@ def test_int8_calibrates_and_checks_on_different_images(int8):
                                     if f.name != "labels.npy"])
     assert len(from_folder) == 64 and rows(from_folder) <= rows(folder_images) and source == str(data.parent / "ood")
     assert (folder_held_out == held_out).all()
+    with pytest.raises(ExportError, match=r"^INT8 calibration images: no OOD folder at .*nowhere$"):
+        sample(data, fp32.info["recipe"], 64, calib_dir=data.parent / "nowhere")
 
 
 def test_int8_that_does_not_reproduce_fp32_is_not_written(int8, tmp_path, monkeypatch):
